@@ -1,0 +1,62 @@
+"""The ``megatron-qk`` console script: one subcommand per user task.
+
+Every subcommand lives in its own module that exposes ``configure_parser(parser)`` and
+``run(args) -> int``. Modules are imported lazily so ``megatron-qk --help`` stays fast (importing
+megatron-core takes several seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module path, one-line help). Only subcommands that exist are listed.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("megatron_qk.training.train_cli", "train a model from a YAML recipe"),
+    "preprocess": (
+        "megatron_qk.data.preprocess",
+        "tokenize text (FineWeb-Edu, parquet, jsonl) into Megatron indexed datasets",
+    ),
+    "tokenizer": (
+        "megatron_qk.data.tokenizer_cli",
+        "obtain and verify the GPT-2 BPE ranks for offline use",
+    ),
+    "quickstart": ("megatron_qk.quickstart", "the embedded default job, offline on CPU"),
+}
+
+
+def _available_subcommands() -> dict[str, tuple[str, str]]:
+    """Return the registered subcommands whose module is importable as a spec (cheap check)."""
+    out = {}
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            out[name] = (module, help_text)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with one sub-parser per subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="megatron-qk",
+        description="Megatron-Core pretraining with upper-layer Q/K learning-rate timing.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in _available_subcommands().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).configure_parser(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``megatron-qk`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
