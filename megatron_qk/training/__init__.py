@@ -1,1 +1,1 @@
-"""megatron_qk.training."""
+"""Training: distributed setup, data, the loop, checkpoints, logging sinks."""

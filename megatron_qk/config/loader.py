@@ -1,0 +1,255 @@
+"""Strict YAML loading of :class:`ExperimentConfig` with presets and dotted overrides.
+
+A recipe is a YAML mapping whose keys mirror the dataclasses in ``schema.py``. It may start from a
+preset or another recipe with ``base: tiny`` (a preset name) or ``base: ../other.yaml`` (a path
+relative to the recipe); the recipe's keys are deep-merged over the base. ``--set a.b=c``
+overrides are applied last; their values are parsed as YAML scalars (``--set optim.lr=1e-3``).
+
+Every error names the dotted path of the offending key and, where it came from a file, the file
+and line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from megatron_qk.config.schema import ConfigError, ExperimentConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def list_presets() -> list[str]:
+    """Names of the packaged presets (``megatron_qk/config/presets/*.yaml``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _resolve_source(source: str | Path, relative_to: Path | None = None) -> Path:
+    text = str(source)
+    candidate = Path(text)
+    if relative_to is not None and not candidate.is_absolute():
+        candidate = relative_to / candidate
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.exists():
+            raise ConfigError("", f"recipe file not found: {candidate}")
+        return candidate
+    preset = PRESET_DIR / f"{text}.yaml"
+    if preset.exists():
+        return preset
+    raise ConfigError("", f"unknown preset or missing file {text!r}; presets: {list_presets()}")
+
+
+def _line_map(node: yaml.Node, prefix: str = "", out: dict | None = None) -> dict[str, int]:
+    """Map dotted paths to 1-based line numbers from a composed YAML node tree."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            out[path] = key_node.start_mark.line + 1
+            _line_map(value_node, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            path = f"{prefix}[{i}]"
+            out[path] = item.start_mark.line + 1
+            _line_map(item, path, out)
+    return out
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[str, tuple[Path, int]]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path}: invalid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+    lines = {k: (path, v) for k, v in _line_map(node).items()} if node is not None else {}
+    return data, lines
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict]:
+    if path.resolve() in seen:
+        raise ConfigError("base", f"circular base chain: {' -> '.join(map(str, seen + (path,)))}")
+    data, lines = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data, lines
+    if not isinstance(base, str):
+        raise ConfigError("base", f"{path}: base must be a preset name or a path")
+    base_data, base_lines = _load_with_bases(
+        _resolve_source(base, path.parent), seen + (path.resolve(),)
+    )
+    return _deep_merge(base_data, data), {**base_lines, **lines}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` into (["a", "b", "c"], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError("", f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError("", f"override {text!r} has an empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"cannot parse override value {raw!r}: {exc}") from exc
+    return parts, value
+
+
+def apply_override(data: dict, parts: list[str], value: Any) -> None:
+    """Set ``data[parts[0]]...[parts[-1]] = value``, creating intermediate mappings."""
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is not a section; cannot set a sub-key")
+        node = child
+    node[parts[-1]] = value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _build(tp: Any, value: Any, path: str) -> Any:
+    """Convert a YAML value to ``tp`` strictly, raising ConfigError with ``path``."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            if len(args) < len(get_args(tp)):
+                return None
+            raise ConfigError(path, "must not be null")
+        return _build(args[0], value, path)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(path, f"must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_build(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+                return int(value)  # 2.5e9 tokens written in scientific notation
+            raise ConfigError(path, f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(path, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise AssertionError(f"unsupported schema type {tp!r} at {path}")
+
+
+def build_dataclass(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected a mapping for {cls.__name__}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(
+                key_path, f"unknown key (known keys of {path or 'the recipe'}: {sorted(fields)})"
+            )
+        kwargs[key] = _build(hints[key], value, key_path)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        full = f"{path}.{exc.path}" if path and exc.path else (exc.path or path)
+        raise ConfigError(full, exc.message) from None
+
+
+def _locate(exc: ConfigError, lines: dict[str, tuple[Path, int]]) -> ConfigError:
+    path = exc.path
+    while path:
+        if path in lines:
+            file, line = lines[path]
+            where = f"{file}:{line}" if line else str(file)
+            return ConfigError(exc.path, f"{exc.message} ({where})")
+        path = path.rsplit(".", 1)[0] if "." in path else ""
+    return exc
+
+
+def load_config(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load a recipe file or preset name, apply ``--set`` overrides, and validate it.
+
+    Args:
+        source: a YAML path or a preset name (see :func:`list_presets`).
+        overrides: ``key.path=value`` strings applied after the file (and its bases).
+
+    Returns:
+        The validated :class:`ExperimentConfig`.
+
+    Raises:
+        ConfigError: naming the dotted path (and file:line when known) of the offending key.
+    """
+    data, lines = _load_with_bases(_resolve_source(source))
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(data, parts, value)
+        lines[".".join(parts)] = (Path(f"--set {text}"), 0)  # the value comes from the CLI
+    try:
+        return build_dataclass(ExperimentConfig, data)
+    except ConfigError as exc:
+        raise _locate(exc, lines) from None
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain-dict form of a config (for config.yaml in the run directory)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: ExperimentConfig, extra: dict | None = None) -> str:
+    """YAML text of a resolved config, with optional extra top-level keys (versions, git sha).
+
+    Extra keys go under ``_meta`` so the file still loads with :func:`load_config` after removing
+    that block.
+    """
+    data = config_to_dict(cfg)
+    if extra:
+        data = {"_meta": extra, **data}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def load_resolved_config(path: str | Path) -> ExperimentConfig:
+    """Load a run directory's ``config.yaml`` (ignores the ``_meta`` block)."""
+    data, _ = _read_yaml(Path(path))
+    data.pop("_meta", None)
+    return build_dataclass(ExperimentConfig, data)

@@ -1,0 +1,19 @@
+"""``torchrun --nproc-per-node N -m megatron_qk.train CONFIG [--set k=v ...]``: thin entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_qk.training.train_cli import configure_parser, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the train options and run them (same as ``megatron-qk train``)."""
+    parser = argparse.ArgumentParser(prog="python -m megatron_qk.train")
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

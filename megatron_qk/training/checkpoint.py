@@ -1,0 +1,184 @@
+"""Checkpoint save/load with Megatron distributed checkpointing.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    iter_0000100/            dist_checkpointing dir: model + optimizer (sharded, any TP/PP/DP)
+    iter_0000100/train_state.pt   step, consumed samples, scheduler + release-controller state
+    iter_0000100/rng_rank{R}.pt   per-rank RNG states (python, numpy, torch, Megatron tracker)
+    latest                   text: the name of the newest complete checkpoint
+
+A checkpoint is written to ``iter_X.tmp`` and renamed once every rank has finished; ``latest`` is
+replaced atomically after that, so an interrupted save never becomes the resume point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+LATEST_FILE = "latest"
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint taken after ``step`` optimizer steps."""
+    return f"iter_{step:07d}"
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint under ``ckpt_root`` (None when there is none)."""
+    marker = ckpt_root / LATEST_FILE
+    if not marker.exists():
+        return None
+    name = marker.read_text(encoding="utf-8").strip()
+    path = ckpt_root / name
+    if not (path / "train_state.pt").exists():
+        raise RuntimeError(f"{marker} names {name}, but {path}/train_state.pt is missing")
+    return path
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _model_sharded_state_dict(model_chunks: list) -> dict:
+    if len(model_chunks) == 1:
+        return {"model": model_chunks[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model_chunks)}
+
+
+@dataclass
+class TrainState:
+    """The scalar part of a checkpoint."""
+
+    step: int
+    consumed_samples: int
+    scheduler: dict
+    extra: dict
+
+
+def save_checkpoint(
+    ckpt_root: Path,
+    model_chunks: list,
+    optimizer,
+    state: TrainState,
+) -> Path:
+    """Save a checkpoint (collective: every rank must call it).
+
+    Returns:
+        The final checkpoint directory.
+    """
+    from megatron.core import dist_checkpointing
+
+    name = checkpoint_name(state.step)
+    final = ckpt_root / name
+    tmp = ckpt_root / f"{name}.tmp"
+    if _rank() == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # debris of an interrupted save
+        tmp.mkdir()
+    _barrier()
+    sharded = _model_sharded_state_dict(model_chunks)
+    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False)
+    dist_checkpointing.save(sharded, str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    if _rank() == 0:
+        torch.save(
+            {
+                "step": state.step,
+                "consumed_samples": state.consumed_samples,
+                "scheduler": state.scheduler,
+                "extra": state.extra,
+            },
+            tmp / "train_state.pt",
+        )
+    _barrier()
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker_tmp = ckpt_root / f"{LATEST_FILE}.tmp"
+        marker_tmp.write_text(name + "\n", encoding="utf-8")
+        os.replace(marker_tmp, ckpt_root / LATEST_FILE)
+    _barrier()
+    return final
+
+
+def load_checkpoint(
+    path: Path, model_chunks: list, optimizer=None, restore_rng: bool = True
+) -> TrainState:
+    """Load model (and optimizer, RNG) state from ``path`` in place (collective).
+
+    Args:
+        path: a checkpoint directory written by :func:`save_checkpoint`.
+        model_chunks: the (DDP-wrapped or bare) model chunks, built with the same config.
+        optimizer: the Megatron optimizer, or None to load weights only (diagnose/eval).
+        restore_rng: restore this rank's RNG states (needs the same world size as the save).
+
+    Returns:
+        The scalar train state; the caller restores the scheduler from ``state.scheduler``.
+    """
+    from megatron.core import dist_checkpointing
+
+    if not (path / "train_state.pt").exists():
+        raise FileNotFoundError(f"{path} is not a megatron-qk checkpoint (no train_state.pt)")
+    sharded = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, str(path))
+    if len(model_chunks) == 1:
+        model_chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, m in enumerate(model_chunks):
+            m.load_state_dict(loaded[f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    raw = torch.load(path / "train_state.pt", weights_only=False)
+    if restore_rng:
+        rng_file = path / f"rng_rank{_rank()}.pt"
+        if not rng_file.exists():
+            raise RuntimeError(
+                f"{rng_file} is missing: resume with the same number of processes as the save"
+            )
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return TrainState(raw["step"], raw["consumed_samples"], raw["scheduler"], raw["extra"])

@@ -1,0 +1,341 @@
+"""The training loop: Megatron-Core model, DDP, optimizer and pipeline schedules, plainly.
+
+One call of :func:`train` runs (or resumes) a whole run described by an
+:class:`~megatron_qk.config.schema.ExperimentConfig` and writes the run directory of DESIGN.md.
+The loop follows nanoGPT's shape: build, then ``for step: forward_backward; step; log; eval;
+save``. Megatron does the parallel work (DDP / distributed optimizer, TP layers, 1F1B schedule).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from megatron_qk.config.loader import config_to_dict
+from megatron_qk.config.schema import ExperimentConfig
+from megatron_qk.training import checkpoint as ckpt
+from megatron_qk.training.data import build_datasets, micro_batches
+from megatron_qk.training.distributed import ParallelInfo
+from megatron_qk.training.run_dir import check_resume_compatible, write_config, write_summary
+from megatron_qk.training.sinks import MetricsSinks, ProgressBar, truncate_metrics
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/inf; the run stopped before applying that step."""
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron loss callback: (token-loss sum, token count, reporting dict)."""
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    # clone: the schedule divides the returned tensor in place.
+    report = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
+    )
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _global_loss(loss_dicts: list[dict], info: ParallelInfo, device: torch.device) -> float:
+    """Mean token loss over the global batch, identical on every rank.
+
+    Only the last pipeline stage holds loss reports; each data-parallel replica's tp-rank-0 copy
+    is summed over the whole world so every rank (all stages) gets the same value.
+    """
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    if info.is_last_stage and info.tp_rank == 0:
+        for d in loss_dicts:
+            totals += d["lm loss"].to(device=device, dtype=torch.float64)
+    if torch.distributed.is_initialized() and info.world_size > 1:
+        torch.distributed.all_reduce(totals)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+class Trainer:
+    """Holds the built model, optimizer and data for one run; :meth:`run` trains it."""
+
+    def __init__(self, cfg: ExperimentConfig, info: ParallelInfo):
+        from megatron.core.distributed import DistributedDataParallel as DDP
+        from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_qk.models.builder import build_gpt_model, transformer_config_from
+        from megatron_qk.models.params import annotate_param_roles
+        from megatron_qk.optim import build_optimizer
+
+        self.cfg, self.info = cfg, info
+        self.run_dir = Path(cfg.training.output_dir)
+        self.planned_steps = cfg.planned_steps()
+        t = cfg.training
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * info.dp_size)
+        self.bf16 = cfg.training.precision == "bf16" or (
+            cfg.training.precision == "auto" and torch.cuda.is_available()
+        )
+        self.tf_config = transformer_config_from(cfg, bf16=self.bf16)
+        model = build_gpt_model(cfg, config=self.tf_config)
+        annotate_param_roles(model)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        if self.bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(self.tf_config, model)
+        p = cfg.parallel
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=p.overlap_grad_reduce,
+            overlap_param_gather=p.overlap_param_gather,
+            use_distributed_optimizer=p.use_distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        self.model = DDP(config=self.tf_config, ddp_config=ddp_config, module=model)
+        self.model_chunks = [self.model]
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model_chunks)
+        # Hooks Megatron's schedules call (training.py sets the same ones).
+        self.tf_config.no_sync_func = self.model.no_sync
+        self.tf_config.finalize_model_grads_func = finalize_model_grads
+        self.tf_config.grad_scale_func = self.optimizer.scale_loss
+        if p.overlap_param_gather:
+            self.tf_config.param_sync_func = self.model.start_param_sync
+        self.forward_backward = get_forward_backward_func()
+        self.datasets = build_datasets(cfg, self.planned_steps, str(self.run_dir))
+        self.step = 0
+        self.consumed_samples = 0
+        self.releases: dict[str, dict] = {}
+        self.last_eval: dict | None = None
+
+    # ----------------------------------------------------------------------------------------
+    def _run_batches(self, dataset, start: int, forward_only: bool) -> float:
+        t = self.cfg.training
+        it = micro_batches(
+            dataset,
+            start,
+            self.num_microbatches,
+            t.micro_batch_size,
+            self.info.dp_rank,
+            self.info.dp_size,
+            self.info.device,
+        )
+        loss_dicts = self.forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=it,
+            model=self.model,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=forward_only,
+        )
+        return _global_loss(loss_dicts, self.info, self.info.device)
+
+    def train_step(self) -> dict:
+        """One optimizer step on the next global batch; returns the train record."""
+        t = self.cfg.training
+        start = time.perf_counter()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = self._run_batches(self.datasets.train, self.consumed_samples, forward_only=False)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss} at step {self.step + 1}; the step was not applied. "
+                f"The last good checkpoint (if any) is in {self.run_dir / 'checkpoints'}: lower "
+                "optim.lr or check the data, then rerun to resume from it."
+            )
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if not update_ok:
+            raise NonFiniteLossError(f"optimizer skipped step {self.step + 1} (non-finite grads)")
+        self.scheduler.step(increment=t.global_batch_size)
+        self.step += 1
+        self.consumed_samples += t.global_batch_size
+        elapsed = time.perf_counter() - start
+        tokens = t.global_batch_size * self.cfg.model.seq_length
+        record = {
+            "kind": "train",
+            "step": self.step,
+            "tokens": self.consumed_samples * self.cfg.model.seq_length,
+            "frac": self.step / self.planned_steps,
+            "loss": loss,
+            "lr": self._base_lr(),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_second": tokens / elapsed,
+            "step_seconds": elapsed,
+        }
+        for name, factor in self.scheduler.multipliers().items():
+            record[f"mult/{name}"] = factor
+        return record
+
+    def _base_lr(self) -> float:
+        for group in self.optimizer.param_groups:
+            if not group.get("mqk_rule"):
+                return group["lr"]
+        return self.optimizer.param_groups[0]["lr"]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss/perplexity on the fixed held-out batches."""
+        t = self.cfg.training
+        losses = []
+        for i in range(t.eval_iters):
+            losses.append(
+                self._run_batches(self.datasets.valid, i * t.global_batch_size, forward_only=True)
+            )
+        val_loss = sum(losses) / len(losses)
+        return {
+            "kind": "eval",
+            "step": self.step,
+            "tokens": self.consumed_samples * self.cfg.model.seq_length,
+            "frac": self.step / self.planned_steps,
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 700.0)),
+        }
+
+    # ----------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Checkpoint the current state (collective)."""
+        return ckpt.save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.model_chunks,
+            self.optimizer,
+            ckpt.TrainState(
+                step=self.step,
+                consumed_samples=self.consumed_samples,
+                scheduler=self.scheduler.state_dict(),
+                extra={"releases": self.releases},
+            ),
+        )
+
+    def maybe_resume(self) -> bool:
+        """Resume from the latest checkpoint in the run directory, if any and allowed."""
+        if not self.cfg.training.resume:
+            return False
+        path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            return False
+        state = ckpt.load_checkpoint(path, self.model_chunks, self.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.step, self.consumed_samples = state.step, state.consumed_samples
+        self.releases = dict(state.extra.get("releases", {}))
+        return True
+
+    def _event_records(self, events) -> list[dict]:
+        records = []
+        for ev in events:
+            frac = ev.step / self.planned_steps
+            self.releases[ev.rule] = {"step": ev.step, "frac": frac, "reason": ev.reason}
+            records.append(
+                {
+                    "kind": "release",
+                    "rule": ev.rule,
+                    "reason": ev.reason,
+                    "step": ev.step,
+                    "frac": frac,
+                    "tokens": ev.step * self.cfg.training.global_batch_size
+                    * self.cfg.model.seq_length,
+                }
+            )
+        return records
+
+    def run(self) -> dict:
+        """Train to the planned step (or ``exit_after_steps``) and return the summary."""
+        cfg, info, t = self.cfg, self.info, self.cfg.training
+        if info.is_logging_rank:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if t.resume:
+                check_resume_compatible(self.run_dir, cfg)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        resumed = self.maybe_resume()
+        if resumed and self.step >= self.planned_steps:
+            summary_path = self.run_dir / "summary.json"
+            if summary_path.exists():
+                logger.info("run in %s already finished; nothing to do", self.run_dir)
+                return json.loads(summary_path.read_text(encoding="utf-8"))
+        if info.is_logging_rank:
+            if resumed:
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            elif (self.run_dir / "metrics.jsonl").exists():
+                (self.run_dir / "metrics.jsonl").unlink()  # a fresh start replaces old lines
+            write_config(self.run_dir, cfg, info.world_size)
+        sinks = MetricsSinks(
+            self.run_dir,
+            enabled=info.is_logging_rank,
+            tensorboard=cfg.logging.tensorboard,
+            wandb_mode=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project,
+            run_name=f"{cfg.name}-{cfg.arm}-s{t.seed}",
+            config_dict=config_to_dict(cfg),
+        )
+        bar = ProgressBar(
+            info.is_logging_rank and cfg.logging.progress_bar,
+            total=self.planned_steps,
+            initial=self.step,
+            desc=f"{cfg.name}/{cfg.arm}",
+        )
+        if resumed:
+            bar.write(f"resumed from step {self.step} ({self.consumed_samples} samples)")
+        start_step = self.step
+        stop_at = self.planned_steps
+        if t.exit_after_steps is not None:
+            stop_at = min(stop_at, self.step + t.exit_after_steps)
+        try:
+            if self.step == 0 and t.eval_interval:
+                self._evaluate_and_log(sinks, bar)
+            while self.step < stop_at:
+                record = self.train_step()
+                for rec in self._event_records(self.scheduler.pop_events()):
+                    sinks.write(rec)
+                if self.step % t.log_interval == 0 or self.step == stop_at:
+                    sinks.write(record)
+                bar.update(record["loss"], record["tokens_per_second"], record["lr"])
+                is_last = self.step == self.planned_steps
+                if is_last or (t.eval_interval and self.step % t.eval_interval == 0):
+                    self._evaluate_and_log(sinks, bar)
+                if t.save_interval and self.step % t.save_interval == 0 and not is_last:
+                    self.save()
+            if self.step > start_step:
+                self.save()
+        finally:
+            bar.close()
+            sinks.close()
+        summary = self._summary()
+        if info.is_logging_rank and self.step == self.planned_steps:
+            write_summary(self.run_dir, summary)
+        return summary
+
+    def _evaluate_and_log(self, sinks: MetricsSinks, bar: ProgressBar) -> None:
+        record = self.evaluate()
+        self.last_eval = record
+        sinks.write(record)
+        bar.write(
+            f"step {self.step}/{self.planned_steps}: val_loss {record['val_loss']:.4f} "
+            f"ppl {record['val_ppl']:.2f}"
+        )
+
+    def _summary(self) -> dict:
+        last = self.last_eval or {}
+        return {
+            "name": self.cfg.name,
+            "arm": self.cfg.arm,
+            "seed": self.cfg.training.seed,
+            "steps": self.step,
+            "planned_steps": self.planned_steps,
+            "finished": self.step == self.planned_steps,
+            "tokens": self.consumed_samples * self.cfg.model.seq_length,
+            "final_val_loss": last.get("val_loss"),
+            "final_val_ppl": last.get("val_ppl"),
+            "release": dict(self.releases),
+        }

@@ -1,0 +1,125 @@
+"""The run directory contract: config.yaml (resolved + versions + git sha) and summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from megatron_qk.config.loader import config_to_dict, dump_config
+from megatron_qk.config.schema import ConfigError, ExperimentConfig
+
+# Keys that may differ between the first launch of a run and a resume.
+RESUME_FREE_KEYS = {
+    "training.exit_after_steps",
+    "training.resume",
+    "training.log_interval",
+    "logging.progress_bar",
+    "logging.tensorboard",
+    "logging.wandb",
+    "logging.wandb_project",
+}
+
+
+def git_sha() -> str | None:
+    """The git commit of the megatron_qk checkout (None outside a git checkout)."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout.strip()
+    return sha + ("-dirty" if dirty else "")
+
+
+def run_metadata(world_size: int) -> dict:
+    """Versions, git sha and launch facts recorded in config.yaml under ``_meta``."""
+    import megatron.core
+    import torch
+
+    import megatron_qk
+
+    meta = {
+        "megatron_qk": megatron_qk.__version__,
+        "megatron_core": megatron.core.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+        "world_size": world_size,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "command": " ".join(sys.argv),
+    }
+    for name in ("transformer_engine", "apex"):
+        try:
+            module = __import__(name)
+            meta[name] = getattr(module, "__version__", "installed")
+        except ImportError:
+            meta[name] = None
+    return meta
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(_flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """Refuse to resume a run directory whose recorded config differs from ``cfg``.
+
+    Raises:
+        ConfigError: listing the differing keys.
+    """
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    saved.pop("_meta", None)
+    old, new = _flatten(saved), _flatten(config_to_dict(cfg))
+    diff = sorted(
+        k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_FREE_KEYS
+    )
+    if diff:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
+        raise ConfigError(
+            diff[0],
+            f"{run_dir} holds a run with a different config ({details}); use another "
+            "training.output_dir or set training.resume=false to start over",
+        )
+
+
+def write_config(run_dir: Path, cfg: ExperimentConfig, world_size: int) -> None:
+    """Write ``config.yaml`` atomically."""
+    text = dump_config(cfg, extra=run_metadata(world_size))
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """Write ``summary.json`` atomically."""
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, run_dir / "summary.json")

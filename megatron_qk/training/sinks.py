@@ -1,0 +1,161 @@
+"""Logging sinks of a run: metrics.jsonl (the contract), TensorBoard, W&B, the progress bar.
+
+Only the logging rank writes. ``metrics.jsonl`` is append-only and flushed per line, so an
+interrupted run keeps every line it wrote; on resume, lines from steps after the checkpoint are
+dropped first so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def truncate_metrics(path: Path, keep_through_step: int) -> int:
+    """Drop lines with ``step > keep_through_step`` (those come after the resumed checkpoint).
+
+    Returns:
+        The number of lines removed.
+    """
+    if not path.exists():
+        return 0
+    kept, removed = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:
+            removed += 1  # a line cut by a kill mid-write
+            continue
+        if step > keep_through_step:
+            removed += 1
+        else:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return removed
+
+
+class MetricsSinks:
+    """Fan-out of metric records to metrics.jsonl, TensorBoard and W&B (logging rank only)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        tensorboard: bool,
+        wandb_mode: str,
+        wandb_project: str,
+        run_name: str,
+        config_dict: dict,
+    ):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if wandb_mode != "disabled":
+            try:
+                import wandb
+            except ImportError as exc:
+                raise RuntimeError(
+                    "logging.wandb is set but wandb is not installed: pip install wandb"
+                ) from exc
+            self._wandb = wandb.init(
+                project=wandb_project,
+                name=run_name,
+                mode=wandb_mode,
+                dir=str(run_dir),
+                config=config_dict,
+                resume="allow",
+            )
+
+    def write(self, record: dict) -> None:
+        """Append one record (must have ``kind`` and ``step``) to every sink."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record, default=_json_default) + "\n")
+        self._file.flush()
+        step = record["step"]
+        scalars = {}
+        for key, value in record.items():
+            if key in ("kind", "step") or isinstance(value, bool):
+                continue
+            if isinstance(value, int | float) and math.isfinite(value):
+                scalars[f"{record['kind']}/{key}"] = value
+            elif key == "layers" and isinstance(value, dict):
+                for layer, stats in value.items():
+                    for name, v in stats.items():
+                        if isinstance(v, int | float) and not isinstance(v, bool):
+                            scalars[f"{record['kind']}/L{layer}/{name}"] = v
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        """Flush and close every sink."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+class ProgressBar:
+    """Rank-0 tqdm bar showing loss, tokens/s and ETA (tqdm computes the ETA)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+        self._last = time.perf_counter()
+
+    def update(self, loss: float, tokens_per_second: float, lr: float) -> None:
+        """Advance one step and refresh the postfix."""
+        if self._bar is None:
+            return
+        self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:,.0f}", lr=f"{lr:.2e}")
+        self._bar.update(1)
+
+    def write(self, text: str) -> None:
+        """Print a line above the bar (or log it when the bar is off)."""
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            logger.info(text)
+
+    def close(self) -> None:
+        """Close the bar."""
+        if self._bar is not None:
+            self._bar.close()

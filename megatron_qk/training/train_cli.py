@@ -1,0 +1,86 @@
+"""``megatron-qk train``: validate a recipe, then train in-process or under torchrun.
+
+``megatron-qk train CONFIG --nproc-per-node N`` validates the recipe for N processes and then
+execs ``torchrun --nproc-per-node N -m megatron_qk.train CONFIG ...``; with N = 1 (the default)
+it trains in this process. ``--dry-run`` builds the model, reports parameter counts and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the train options (shared with ``python -m megatron_qk.train``)."""
+    parser.add_argument("config", help="recipe YAML path or preset name (tiny, gpt-270m, ...)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set optim.lr=1e-3 (repeatable)",
+    )
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="processes on this node; >1 launches torchrun (default 1)",
+    )
+    parser.add_argument("--nnodes", type=int, default=1, help="nodes (passed to torchrun)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the recipe, build the model, print parameter counts, do not train",
+    )
+
+
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    cmd = [
+        "--nproc-per-node",
+        str(args.nproc_per_node),
+        "--nnodes",
+        str(args.nnodes),
+    ]
+    if args.nnodes == 1:
+        cmd.append("--standalone")
+    cmd += ["-m", "megatron_qk.train", args.config]
+    for item in args.overrides:
+        cmd += ["--set", item]
+    if args.dry_run:
+        cmd.append("--dry-run")
+    from torch.distributed.run import main as torchrun_main
+
+    torchrun_main(cmd)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, then train (or dry-run) in-process or via torchrun."""
+    from megatron_qk.config.loader import load_config
+    from megatron_qk.config.schema import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if "WORLD_SIZE" not in os.environ:
+            cfg.validate_world(args.nproc_per_node * args.nnodes)
+    except ConfigError as exc:
+        print(f"megatron-qk train: config error: {exc}", file=sys.stderr)
+        return 2
+    if "WORLD_SIZE" not in os.environ and args.nproc_per_node * args.nnodes > 1:
+        return _launch_torchrun(args)
+    from megatron_qk.training.entry import dry_run, train_from_config
+
+    if args.dry_run:
+        report = dry_run(cfg)
+        print(json.dumps(report, indent=2))
+        return 0
+    summary = train_from_config(cfg)
+    if summary is not None:
+        print(json.dumps(summary, indent=2))
+    return 0
