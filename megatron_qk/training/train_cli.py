@@ -51,8 +51,6 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     cmd += ["-m", "megatron_qk.train", args.config]
     for item in args.overrides:
         cmd += ["--set", item]
-    if args.dry_run:
-        cmd.append("--dry-run")
     from torch.distributed.run import main as torchrun_main
 
     torchrun_main(cmd)
@@ -72,11 +70,14 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"megatron-qk train: config error: {exc}", file=sys.stderr)
         return 2
-    if "WORLD_SIZE" not in os.environ and args.nproc_per_node * args.nnodes > 1:
+    world = args.nproc_per_node * args.nnodes
+    if not args.dry_run and "WORLD_SIZE" not in os.environ and world > 1:
         return _launch_torchrun(args)
     from megatron_qk.training.entry import dry_run, train_from_config
 
     if args.dry_run:
+        # The layout was validated for the requested world size above; the count itself is
+        # layout-independent and is taken in this one process.
         report = dry_run(cfg)
         print(json.dumps(report, indent=2))
         return 0
