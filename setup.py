@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboard>=2.15",
     "matplotlib>=3.8",
+    # megatron dist_checkpointing's writer processes need psutil (not declared by the wheel).
+    "psutil>=5.9",
 ]
 
 EXTRAS_REQUIRE = {

@@ -62,6 +62,10 @@ PROXIED_MODULES = (
     "megatron.core.dist_checkpointing.exchange_utils",
     # verify-reuse flags device='cuda' (:204, :252)
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    # torch.cuda.synchronize before copying tensors to the writer (:230)
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    # liveness/call-index tensors on current_device (:165, :604), synchronize (:212)
+    "megatron.core.dist_checkpointing.strategies.async_utils",
     # torch.cuda.synchronize around parallel save/load (:272, :281)
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
 )

@@ -153,7 +153,10 @@ def build_datasets(cfg: ExperimentConfig, planned_steps: int, output_dir: str) -
         )
         # A different seed stream keeps validation samples disjoint from training samples.
         valid = SyntheticDataset(
-            cfg.model.seq_length, d.synthetic_vocab, d.synthetic_pattern, t.seed + 10**6,
+            cfg.model.seq_length,
+            d.synthetic_vocab,
+            d.synthetic_pattern,
+            t.seed + 10**6,
             valid_samples,
         )
         return Datasets(train, valid)
@@ -172,7 +175,12 @@ def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     else:
         loss_mask = torch.ones_like(tokens, dtype=torch.float)
     position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
-    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "position_ids": position_ids,
+    }
 
 
 def micro_batches(

@@ -106,7 +106,9 @@ def setup_distributed(cfg: ExperimentConfig) -> ParallelInfo:
         pp_size=p.pipeline_model_parallel_size,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
-        device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"),
+        device=torch.device("cuda", torch.cuda.current_device())
+        if use_cuda
+        else torch.device("cpu"),
     )
 
 

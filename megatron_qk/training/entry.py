@@ -71,7 +71,8 @@ def dry_run(cfg: ExperimentConfig) -> dict:
         "parameters": counts,
         "expected_parameters": expected,
         "planned_steps": cfg.planned_steps(),
-        "planned_tokens": cfg.planned_steps() * cfg.training.global_batch_size
+        "planned_tokens": cfg.planned_steps()
+        * cfg.training.global_batch_size
         * cfg.model.seq_length,
         "layout": {
             "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,

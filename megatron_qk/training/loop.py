@@ -155,6 +155,8 @@ class Trainer:
                 f"The last good checkpoint (if any) is in {self.run_dir / 'checkpoints'}: lower "
                 "optim.lr or check the data, then rerun to resume from it."
             )
+        # The lr and multipliers in the groups now are the ones this update applies.
+        lr, multipliers = self._base_lr(), self.scheduler.multipliers()
         update_ok, grad_norm, _ = self.optimizer.step()
         if not update_ok:
             raise NonFiniteLossError(f"optimizer skipped step {self.step + 1} (non-finite grads)")
@@ -169,12 +171,12 @@ class Trainer:
             "tokens": self.consumed_samples * self.cfg.model.seq_length,
             "frac": self.step / self.planned_steps,
             "loss": loss,
-            "lr": self._base_lr(),
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_second": tokens / elapsed,
             "step_seconds": elapsed,
         }
-        for name, factor in self.scheduler.multipliers().items():
+        for name, factor in multipliers.items():
             record[f"mult/{name}"] = factor
         return record
 
@@ -243,7 +245,8 @@ class Trainer:
                     "reason": ev.reason,
                     "step": ev.step,
                     "frac": frac,
-                    "tokens": ev.step * self.cfg.training.global_batch_size
+                    "tokens": ev.step
+                    * self.cfg.training.global_batch_size
                     * self.cfg.model.seq_length,
                 }
             )

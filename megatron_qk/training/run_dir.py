@@ -58,8 +58,8 @@ def run_metadata(world_size: int) -> dict:
 
     meta = {
         "megatron_qk": megatron_qk.__version__,
-        "megatron_core": megatron.core.__version__,
-        "torch": torch.__version__,
+        "megatron_core": str(megatron.core.__version__),
+        "torch": str(torch.__version__),
         "python": platform.python_version(),
         "git_sha": git_sha(),
         "world_size": world_size,
@@ -69,7 +69,7 @@ def run_metadata(world_size: int) -> dict:
     for name in ("transformer_engine", "apex"):
         try:
             module = __import__(name)
-            meta[name] = getattr(module, "__version__", "installed")
+            meta[name] = str(getattr(module, "__version__", "installed"))
         except ImportError:
             meta[name] = None
     return meta

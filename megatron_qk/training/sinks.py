@@ -138,7 +138,9 @@ class ProgressBar:
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True
+            )
         self._last = time.perf_counter()
 
     def update(self, loss: float, tokens_per_second: float, lr: float) -> None:

@@ -1,0 +1,112 @@
+"""Build Megatron-Core ``TransformerConfig`` and ``GPTModel`` from a recipe."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from megatron_qk.config.schema import ExperimentConfig
+from megatron_qk.models.specs import FFN_TABLE, build_block_spec, use_transformer_engine
+
+
+def padded_vocab_size(cfg: ExperimentConfig) -> int:
+    """Vocabulary padded to a multiple of ``vocab_pad_multiple * TP`` (Megatron's rule)."""
+    multiple = cfg.model.vocab_pad_multiple * cfg.parallel.tensor_model_parallel_size
+    return -(-cfg.model.vocab_size // multiple) * multiple
+
+
+def transformer_config_from(cfg: ExperimentConfig, bf16: bool = False, **overrides):
+    """Megatron ``TransformerConfig`` for the recipe's model and parallel layout.
+
+    On CPU, weights are initialised on the CPU and the fused kernels (which need CUDA or
+    torch.compile) are off. ``bias_activation_fusion`` follows the recipe so compared arms use
+    the same GELU approximation.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    m, p = cfg.model, cfg.parallel
+    gated, activation = FFN_TABLE[m.ffn]
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.query_groups,
+        kv_channels=m.head_dim,
+        ffn_hidden_size=m.ffn_hidden_size,
+        gated_linear_unit=gated,
+        activation_func=activation,
+        normalization="RMSNorm" if m.normalization == "rmsnorm" else "LayerNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        add_bias_linear=m.bias,
+        add_qkv_bias=m.bias,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=m.bias_activation_fusion,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(
+    cfg: ExperimentConfig,
+    config=None,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+    meta_device: bool = False,
+):
+    """Build this pipeline stage's ``GPTModel`` (RoPE, tied embeddings per the recipe).
+
+    Args:
+        cfg: the recipe.
+        config: a ``TransformerConfig`` (default: :func:`transformer_config_from` in fp32).
+        pre_process / post_process: stage has the embedding / output layer (default: from
+            Megatron's parallel state).
+        vp_stage: virtual pipeline stage (unused by the presets).
+        meta_device: build on the meta device without allocating or initialising weights (for
+            parameter counting of large presets).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    if config is None:
+        config = transformer_config_from(cfg, perform_initialization=not meta_device)
+    elif meta_device:
+        config.perform_initialization = False
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    use_te = use_transformer_engine(cfg.model)
+    block = build_block_spec(cfg.model, config, use_te, vp_stage=vp_stage)
+    ctx = torch.device("meta") if meta_device else contextlib.nullcontext()
+    with ctx:
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=block,
+            vocab_size=padded_vocab_size(cfg),
+            max_sequence_length=cfg.model.seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=vp_stage,
+        )
+    return model

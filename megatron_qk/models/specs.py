@@ -1,0 +1,115 @@
+"""Megatron-Core layer specs for the paper's architectures (FFN x norm x bias, split Q/K/V).
+
+Everything goes through Megatron's ``ModuleSpec`` seams: the stock local or Transformer Engine
+spec is taken as is and only the ``linear_qkv`` slot is swapped for :class:`SplitQKVLinear`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from megatron_qk.config.schema import ModelConfig
+from megatron_qk.models.split_qkv import SplitQKVLinear, _te_split_class
+
+# Single source of truth for the FFN variants: (gated_linear_unit, activation_func).
+# GEGLU is the gated *exact* (erf) GELU, not Megatron's quick_gelu (--quick-geglu).
+FFN_TABLE: dict[str, tuple[bool, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "gelu": (False, F.gelu),
+    "swiglu": (True, F.silu),
+    "geglu": (True, F.gelu),
+}
+
+
+def te_available() -> bool:
+    """Whether Transformer Engine imports (it is only present on GPU images)."""
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_transformer_engine(model_cfg: ModelConfig) -> bool:
+    """Resolve ``model.impl`` to TE (True) or the local spec (False).
+
+    Raises:
+        ValueError: ``impl: te`` where Transformer Engine or CUDA is missing.
+    """
+    if model_cfg.impl == "local":
+        return False
+    usable = te_available() and torch.cuda.is_available()
+    if model_cfg.impl == "te" and not usable:
+        raise ValueError(
+            "model.impl: te needs Transformer Engine and CUDA (use the NGC image, "
+            "docker/Dockerfile); use impl: auto or local here"
+        )
+    return usable
+
+
+def build_layer_spec(model_cfg: ModelConfig, use_te: bool):
+    """Transformer layer spec for ``model_cfg`` on the local or TE backend."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    norm = "RMSNorm" if model_cfg.normalization == "rmsnorm" else "LayerNorm"
+    if use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec(normalization=norm)
+    else:
+        spec = get_gpt_layer_local_spec(normalization=norm)
+    if not model_cfg.split_qkv:
+        return spec
+    spec = copy.deepcopy(spec)
+    attention = spec.submodules.self_attention.submodules
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        # TE fuses the input norm into linear_qkv (TELayerNormColumnParallelLinear); with three
+        # projections the norm must stand alone again.
+        spec.submodules.input_layernorm = TENorm
+        attention.linear_qkv = _te_split_class()
+    else:
+        attention.linear_qkv = SplitQKVLinear
+    return spec
+
+
+def final_norm_class(model_cfg: ModelConfig, use_te: bool):
+    """The final norm of the decoder block.
+
+    Megatron picks TE, else apex ``FusedLayerNorm``, else torch for the final norm regardless of
+    ``normalization``; apex's FusedLayerNorm rejects RMSNorm, so the choice is made here.
+    """
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if model_cfg.normalization == "layernorm":
+        try:
+            from megatron.core.fusions.fused_layer_norm import HAVE_FUSED_LAYER_NORM, FusedLayerNorm
+
+            if HAVE_FUSED_LAYER_NORM and torch.cuda.is_available():
+                return FusedLayerNorm
+        except ImportError:
+            pass
+    return WrappedTorchNorm
+
+
+def build_block_spec(model_cfg: ModelConfig, tf_config, use_te: bool, vp_stage=None):
+    """``TransformerBlockSubmodules`` for this pipeline stage with an explicit final norm."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layer = build_layer_spec(model_cfg, use_te)
+    num_layers = get_num_layers_to_build(tf_config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * num_layers, layer_norm=final_norm_class(model_cfg, use_te)
+    )
