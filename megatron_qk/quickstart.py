@@ -53,7 +53,9 @@ def loss_curve_summary(metrics_path: Path) -> str:
         "|---:|---:|---:|---:|",
     ]
     for r in evals:
-        lines.append(f"| {r['step']} | {r['tokens']:,} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |")
+        lines.append(
+            f"| {r['step']} | {r['tokens']:,} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |"
+        )
     return "\n".join(lines)
 
 

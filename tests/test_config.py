@@ -51,7 +51,9 @@ def test_presets_load_and_match_the_paper():
     assert big.model.ffn_hidden_size == 6144 and big.optim.lr == 2.0e-4
     assert big.training.train_tokens == 7_000_000_000
     scale = load_config("gpt-2.7b")
-    assert scale.parallel.tensor_model_parallel_size * scale.parallel.pipeline_model_parallel_size > 1
+    assert (
+        scale.parallel.tensor_model_parallel_size * scale.parallel.pipeline_model_parallel_size > 1
+    )
 
 
 def test_unknown_key_names_path_and_line(tmp_path):
@@ -79,7 +81,11 @@ def test_wrong_type_names_path(tmp_path):
     [
         ("model.hidden_size=66", "model.hidden_size", "not divisible by num_attention_heads"),
         ("parallel.tensor_model_parallel_size=3", "parallel.tensor_model_parallel_size", "TP=3"),
-        ("parallel.pipeline_model_parallel_size=3", "parallel.pipeline_model_parallel_size", "PP=3"),
+        (
+            "parallel.pipeline_model_parallel_size=3",
+            "parallel.pipeline_model_parallel_size",
+            "PP=3",
+        ),
         ("training.micro_batch_size=3", "training.global_batch_size", "micro_batch_size"),
         ("model.num_query_groups=3", "model.num_query_groups", "must divide"),
         ("model.ffn=relu", "model.ffn", "must be one of"),

@@ -207,7 +207,9 @@ def _locate(exc: ConfigError, lines: dict[str, tuple[Path, int]]) -> ConfigError
     return exc
 
 
-def load_config(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+def load_config(
+    source: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
     """Load a recipe file or preset name, apply ``--set`` overrides, and validate it.
 
     Args:

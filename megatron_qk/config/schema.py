@@ -276,7 +276,9 @@ class DataConfig:
         try:
             weights = [float(p) for p in parts]
         except ValueError:
-            raise ConfigError("split", f"expected 'train,valid,test' numbers, got {self.split!r}")
+            raise ConfigError(
+                "split", f"expected 'train,valid,test' numbers, got {self.split!r}"
+            ) from None
         if len(weights) != 3 or any(w < 0 for w in weights) or weights[0] <= 0:
             raise ConfigError("split", f"expected three non-negative weights, got {self.split!r}")
         if self.kind == "indexed" and not self.valid_prefixes and weights[1] <= 0:

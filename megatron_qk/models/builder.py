@@ -70,6 +70,7 @@ def build_gpt_model(
     post_process: bool | None = None,
     vp_stage: int | None = None,
     meta_device: bool = False,
+    init_seed: int | None = None,
 ):
     """Build this pipeline stage's ``GPTModel`` (RoPE, tied embeddings per the recipe).
 
@@ -81,6 +82,8 @@ def build_gpt_model(
         vp_stage: virtual pipeline stage (unused by the presets).
         meta_device: build on the meta device without allocating or initialising weights (for
             parameter counting of large presets).
+        init_seed: seed each layer's initial weights by its global layer number, so every
+            TP/PP layout builds the same model (the trainer passes ``training.seed``).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -94,7 +97,7 @@ def build_gpt_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     use_te = use_transformer_engine(cfg.model)
-    block = build_block_spec(cfg.model, config, use_te, vp_stage=vp_stage)
+    block = build_block_spec(cfg.model, config, use_te, vp_stage=vp_stage, init_seed=init_seed)
     ctx = torch.device("meta") if meta_device else contextlib.nullcontext()
     with ctx:
         model = GPTModel(

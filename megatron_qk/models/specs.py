@@ -101,14 +101,49 @@ def final_norm_class(model_cfg: ModelConfig, use_te: bool):
     return WrappedTorchNorm
 
 
-def build_block_spec(model_cfg: ModelConfig, tf_config, use_te: bool, vp_stage=None):
-    """``TransformerBlockSubmodules`` for this pipeline stage with an explicit final norm."""
+def _layer_seeded_class():
+    from megatron.core.transformer.transformer_layer import (
+        TransformerLayer,
+        get_transformer_layer_offset,
+    )
+
+    class LayerSeededTransformerLayer(TransformerLayer):
+        """A ``TransformerLayer`` whose weights are drawn from a seed of its global layer number.
+
+        Stock Megatron draws all layers from one running RNG stream, so pipeline stage 2 starts
+        from a different state than layer 3 of a one-stage model: PP=2 and PP=1 would train
+        different models. Reseeding per layer makes the initial weights independent of the
+        pipeline layout (with CPU initialisation also of the TP layout), which is what lets
+        layouts be compared on the same weights.
+        """
+
+        def __init__(self, config, submodules, layer_number: int = 1, *, init_seed: int, **kw):
+            offset = get_transformer_layer_offset(config, vp_stage=kw.get("vp_stage"))
+            torch.manual_seed(init_seed * 1_000_003 + offset + layer_number)
+            super().__init__(config, submodules, layer_number=layer_number, **kw)
+
+    return LayerSeededTransformerLayer
+
+
+def build_block_spec(
+    model_cfg: ModelConfig, tf_config, use_te: bool, vp_stage=None, init_seed: int | None = None
+):
+    """``TransformerBlockSubmodules`` for this pipeline stage with an explicit final norm.
+
+    Args:
+        init_seed: when given, each layer draws its initial weights from a seed of its global
+            layer number, so every TP/PP layout starts from the same model.
+    """
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
 
     layer = build_layer_spec(model_cfg, use_te)
+    if init_seed is not None:
+        layer = copy.copy(layer)
+        layer.module = _layer_seeded_class()
+        layer.params = {**(layer.params or {}), "init_seed": init_seed}
     num_layers = get_num_layers_to_build(tf_config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * num_layers, layer_norm=final_norm_class(model_cfg, use_te)

@@ -141,7 +141,12 @@ def fused_qkv_to_split(
 
 
 def split_qkv_to_fused(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int, head_dim: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_heads: int,
+    num_groups: int,
+    head_dim: int,
 ) -> torch.Tensor:
     """Inverse of :func:`fused_qkv_to_split`: the fused group-major interleaved tensor."""
     q_per_group = num_heads // num_groups

@@ -80,10 +80,26 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+# The distributed optimizer's default format ('fully_sharded_model_space') stores flattened
+# ranges, which Megatron-Core 0.16.1's own loader rejects; 'fully_reshardable' writes the
+# canonical per-parameter state, so a run can also resume under a different DP size.
+OPTIMIZER_CKPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _model_sharded_state_dict(model_chunks: list) -> dict:
-    if len(model_chunks) == 1:
-        return {"model": model_chunks[0].sharded_state_dict()}
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model_chunks)}
+    # Keys come from the bare model so checkpoints do not depend on the wrappers in use
+    # (DDP, Float16Module for bf16) and load into any of them.
+    bare = [unwrap_model(m) for m in model_chunks]
+    if len(bare) == 1:
+        return {"model": bare[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(bare)}
 
 
 @dataclass
@@ -119,7 +135,9 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
     sharded = _model_sharded_state_dict(model_chunks)
-    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False)
+    sharded["optimizer"] = optimizer.sharded_state_dict(
+        sharded, is_loading=False, metadata=OPTIMIZER_CKPT_METADATA
+    )
     dist_checkpointing.save(sharded, str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
     if _rank() == 0:
@@ -164,12 +182,15 @@ def load_checkpoint(
         raise FileNotFoundError(f"{path} is not a megatron-qk checkpoint (no train_state.pt)")
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded, is_loading=True, metadata=OPTIMIZER_CKPT_METADATA
+        )
     loaded = dist_checkpointing.load(sharded, str(path))
-    if len(model_chunks) == 1:
-        model_chunks[0].load_state_dict(loaded["model"])
+    bare = [unwrap_model(m) for m in model_chunks]
+    if len(bare) == 1:
+        bare[0].load_state_dict(loaded["model"])
     else:
-        for i, m in enumerate(model_chunks):
+        for i, m in enumerate(bare):
             m.load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])

@@ -80,11 +80,12 @@ def setup_distributed(cfg: ExperimentConfig) -> ParallelInfo:
     activate_cpu_compat()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if "MASTER_ADDR" not in os.environ:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
+    if world_size == 1 and not torch.distributed.is_initialized():
+        # A one-process group on a fresh loopback port: a stale MASTER_PORT left by an earlier
+        # run in this process (or inherited) must not be reused.
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1"
+        )
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
             backend=backend,

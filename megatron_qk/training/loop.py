@@ -70,8 +70,11 @@ class Trainer:
     """Holds the built model, optimizer and data for one run; :meth:`run` trains it."""
 
     def __init__(self, cfg: ExperimentConfig, info: ParallelInfo):
-        from megatron.core.distributed import DistributedDataParallel as DDP
-        from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from megatron_qk.models.builder import build_gpt_model, transformer_config_from
@@ -87,7 +90,7 @@ class Trainer:
             cfg.training.precision == "auto" and torch.cuda.is_available()
         )
         self.tf_config = transformer_config_from(cfg, bf16=self.bf16)
-        model = build_gpt_model(cfg, config=self.tf_config)
+        model = build_gpt_model(cfg, config=self.tf_config, init_seed=cfg.training.seed)
         annotate_param_roles(model)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
@@ -103,7 +106,9 @@ class Trainer:
             use_distributed_optimizer=p.use_distributed_optimizer,
             check_for_nan_in_grad=False,
         )
-        self.model = DDP(config=self.tf_config, ddp_config=ddp_config, module=model)
+        self.model = DistributedDataParallel(
+            config=self.tf_config, ddp_config=ddp_config, module=model
+        )
         self.model_chunks = [self.model]
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model_chunks)
         # Hooks Megatron's schedules call (training.py sets the same ones).
