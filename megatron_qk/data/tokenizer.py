@@ -1,0 +1,235 @@
+"""GPT-2 BPE for megatron_qk, fully offline.
+
+The GPT-2 merge ranks are identical to tiktoken's ``r50k_base.tiktoken`` (sha256
+``306cd27f...d930``). megatron_qk ships them compressed in ``assets/gpt2.tiktoken.gz`` (from the
+PyPI sdist ``openai-whisper==20250625``; see ``assets/LICENSE.gpt2-tiktoken.txt``) and checks that
+hash on every load, so :func:`load_gpt2_encoding` never needs OpenAI's servers, a tiktoken cache or
+a writable cache directory. The returned :class:`tiktoken.Encoding` gives exactly the ids of
+``tiktoken.get_encoding("gpt2")``; ``megatron-qk tokenizer fetch`` re-obtains the ranks from PyPI
+and seeds ``TIKTOKEN_CACHE_DIR`` for code that calls ``get_encoding`` itself.
+
+Rank files are parsed here rather than with ``tiktoken.load.load_tiktoken_bpe``: that function
+copies local files into ``TIKTOKEN_CACHE_DIR``, which fails when the directory is read-only.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import gzip
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # tiktoken is imported lazily to keep ``megatron-qk --help`` fast.
+    import tiktoken
+
+logger = logging.getLogger(__name__)
+
+EOD_TOKEN_ID = 50256
+"""GPT-2's ``<|endoftext|>`` id, appended after every document."""
+
+ENDOFTEXT = "<|endoftext|>"
+GPT2_N_VOCAB = 50257
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+"""sha256 of the GPT-2 rank file; the ``expected_hash`` tiktoken uses for ``r50k_base``."""
+
+# tiktoken_ext.openai_public.r50k_pat_str (equivalent to GPT-2's original pattern, faster).
+R50K_PAT_STR = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+
+ASSET_DIR = Path(__file__).resolve().parent / "assets"
+VENDORED_RANKS = ASSET_DIR / "gpt2.tiktoken.gz"
+
+# Megatron's DType.optimal_dtype: uint16 below this cardinality, int32 otherwise.
+_UINT16_MAX_CARDINALITY = 65500
+
+
+class TokenizerError(RuntimeError):
+    """A rank file is missing, malformed or fails its checksum."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerInfo:
+    """A loaded tokenizer plus what the writer needs to know about it.
+
+    Attributes:
+        encoding: the tiktoken encoding.
+        eod_id: id appended after each document.
+        vocab_size: number of ids (ranks plus special tokens).
+        source: where the ranks came from (``"gpt2 (vendored)"`` or a file path).
+        ranks_sha256: sha256 of the uncompressed rank file (part of the resume key).
+        is_gpt2: whether the ranks are exactly GPT-2's.
+    """
+
+    encoding: tiktoken.Encoding
+    eod_id: int
+    vocab_size: int
+    source: str
+    ranks_sha256: str
+    is_gpt2: bool
+
+    @property
+    def dtype_name(self) -> str:
+        """numpy dtype name for token storage (Megatron's ``DType.optimal_dtype``)."""
+        return "uint16" if self.vocab_size < _UINT16_MAX_CARDINALITY else "int32"
+
+
+def read_rank_bytes(path: str | os.PathLike[str]) -> bytes:
+    """Read a ``.tiktoken`` rank file, transparently gunzipping ``*.gz``.
+
+    Args:
+        path: file path.
+
+    Returns:
+        The uncompressed file contents.
+
+    Raises:
+        TokenizerError: if the file cannot be read or decompressed.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    except FileNotFoundError as e:
+        raise TokenizerError(f"tokenizer rank file not found: {path}") from e
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise TokenizerError(f"cannot read tokenizer rank file {path}: {e}") from e
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_gpt2_ranks(data: bytes, source: str = "<bytes>") -> None:
+    """Check that ``data`` is exactly the GPT-2 rank file.
+
+    Raises:
+        TokenizerError: naming ``source`` and both hashes when they differ.
+    """
+    actual = sha256_hex(data)
+    if actual != GPT2_RANKS_SHA256:
+        raise TokenizerError(
+            f"{source}: sha256 {actual} is not the GPT-2 rank file's {GPT2_RANKS_SHA256}; "
+            "the file is corrupt or not GPT-2's (re-obtain it with `megatron-qk tokenizer fetch`)"
+        )
+
+
+def parse_ranks(data: bytes, source: str = "<bytes>") -> dict[bytes, int]:
+    """Parse ``base64(token) rank`` lines into tiktoken's ``mergeable_ranks`` mapping.
+
+    Raises:
+        TokenizerError: on a malformed line (naming ``source`` and the line number).
+    """
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(data.splitlines(), start=1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError as e:  # also binascii.Error, a ValueError subclass
+            raise TokenizerError(f"{source}:{lineno}: malformed rank line {line[:60]!r}") from e
+    if not ranks:
+        raise TokenizerError(f"{source}: no ranks found")
+    return ranks
+
+
+def encoding_from_ranks(
+    ranks: dict[bytes, int], name: str = "gpt2", eod_id: int | None = None
+) -> tiktoken.Encoding:
+    """Build a tiktoken encoding with GPT-2's split pattern and ``<|endoftext|>``.
+
+    Args:
+        ranks: mergeable ranks (bytes -> id).
+        name: encoding name.
+        eod_id: id of ``<|endoftext|>``; defaults to ``len(ranks)`` (50256 for GPT-2).
+
+    Returns:
+        The encoding.
+    """
+    import tiktoken
+
+    eod = len(ranks) if eod_id is None else eod_id
+    n_vocab = max(max(ranks.values()), eod) + 1
+    dense = n_vocab == len(ranks) + 1  # tiktoken asserts this when explicit_n_vocab is given
+    return tiktoken.Encoding(
+        name=name,
+        pat_str=R50K_PAT_STR,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: eod},
+        explicit_n_vocab=n_vocab if dense else None,
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _gpt2_encoding_from_verified(data: bytes) -> tiktoken.Encoding:
+    # Keyed by the (verified) contents, so a file changed on disk is never served from the cache.
+    return encoding_from_ranks(parse_ranks(data), name="gpt2", eod_id=EOD_TOKEN_ID)
+
+
+def load_gpt2_encoding(path: str | os.PathLike[str] | None = None) -> tiktoken.Encoding:
+    """Return the GPT-2 BPE encoding without any network access.
+
+    The ids equal ``tiktoken.get_encoding("gpt2")``. The file is read and its sha256 checked on
+    every call; only the parsing is memoized (by content).
+
+    Args:
+        path: a GPT-2 ``.tiktoken`` rank file (optionally gzipped). ``None`` uses the copy vendored
+            in ``megatron_qk/data/assets``.
+
+    Returns:
+        A ``tiktoken.Encoding`` named ``"gpt2"`` with ``eot_token == EOD_TOKEN_ID``.
+
+    Raises:
+        TokenizerError: if the file is missing or is not the GPT-2 rank file.
+    """
+    source = str(path) if path is not None else str(VENDORED_RANKS)
+    data = read_rank_bytes(source)
+    verify_gpt2_ranks(data, source)
+    return _gpt2_encoding_from_verified(data)
+
+
+def load_tokenizer(spec: str = "gpt2") -> TokenizerInfo:
+    """Load the tokenizer named by the CLI's ``--tokenizer`` value.
+
+    Args:
+        spec: ``"gpt2"`` for the vendored GPT-2 ranks, or the path of a ``.tiktoken`` rank file
+            (optionally gzipped). A file whose sha256 is GPT-2's is loaded as GPT-2; any other rank
+            file is accepted with a warning, using GPT-2's split pattern and ``<|endoftext|>`` =
+            number of ranks.
+
+    Returns:
+        The tokenizer and its properties.
+
+    Raises:
+        TokenizerError: if the file is missing or malformed.
+    """
+    if spec == "gpt2":
+        data = read_rank_bytes(VENDORED_RANKS)
+        source = "gpt2 (vendored)"
+        path = str(VENDORED_RANKS)
+    else:
+        path = str(Path(spec).expanduser().resolve())
+        data = read_rank_bytes(path)
+        source = path
+    digest = sha256_hex(data)
+    if digest == GPT2_RANKS_SHA256:
+        enc = _gpt2_encoding_from_verified(data)
+        return TokenizerInfo(enc, EOD_TOKEN_ID, GPT2_N_VOCAB, source, digest, is_gpt2=True)
+    if spec == "gpt2":
+        verify_gpt2_ranks(data, path)  # raises: the vendored asset was modified
+    logger.warning(
+        "%s is not the GPT-2 rank file (sha256 %s); using GPT-2's split pattern with "
+        "<|endoftext|> = number of ranks",
+        source,
+        digest,
+    )
+    ranks = parse_ranks(data, source)
+    enc = encoding_from_ranks(ranks, name=Path(path).name)
+    return TokenizerInfo(enc, enc.eot_token, enc.n_vocab, source, digest, is_gpt2=False)
