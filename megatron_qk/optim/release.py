@@ -1,0 +1,322 @@
+"""Release rules for learning-rate multipliers: a pure, deterministic state machine per rule.
+
+A :class:`ReleaseController` decides *when* a rule lets go of its multiplier and gives the
+factor to apply at every optimizer step:
+
+* ``maturity`` (the paper's rule): the lower-copy score must be ``>= threshold`` for ``patience``
+  consecutive evaluations, counting only evaluations whose training fraction lies inside
+  ``[min_frac, max_frac]``; a score below the threshold (or NaN) resets the count. The release
+  happens at the evaluation that completes the patience. If nothing has fired by ``max_frac``,
+  the release is forced at the first step with ``frac >= max_frac`` (checked at every step by
+  :meth:`ReleaseController.on_step`, not only at evaluations).
+* ``fixed``: released at the first step with ``frac >= release_frac``.
+* ``never``: the hold value for the whole run.
+
+After the release step ``R`` the factor ramps linearly from the hold value to the final value
+over ``n = round(ramp_frac * planned_steps)`` steps: ``factor(R + i) = hold + (final - hold) *
+min(1, i / n)`` (``n == 0``: the final value from ``R`` on). For a multiplier rule ``hold`` is the
+multiplier and ``final`` is 1.0. For the entropy-floor control the same controller drives the
+penalty weight with ``hold = 1.0`` and ``final = 0.0``: full weight before the release, a linear
+ramp down to zero over ``ramp_frac`` after it (the paper only says the floor is "released by the
+same rule"; ramping rather than cutting mirrors the multiplier and avoids a loss discontinuity).
+
+Steps are *completed optimizer steps* (the ``step`` column of metrics.jsonl); ``frac`` is
+``step / planned_steps``. ``factor(step)`` is the factor in force for the update *after* step
+``step`` (the scheduler sets it right after step ``step``), like Megatron's ``lr``.
+
+Determinism across ranks: step-driven decisions (forced, fixed) depend only on the step count.
+Maturity depends on the score, so every rank must pass the *same* score: callers pass a
+globally-reduced value, e.g. from :func:`global_score`, which all-reduces and then broadcasts
+from rank 0 so the value is bit-identical everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from megatron_qk.config.schema import EntropyFloorConfig, MultiplierRuleConfig
+
+Policy = Literal["maturity", "fixed", "never"]
+Reason = Literal["maturity", "forced", "fixed"]
+
+# Absolute tolerance on fraction comparisons: frac is step / planned_steps, and a caller that
+# computes it another way (tokens / planned tokens) must not miss a boundary by one ulp.
+_FRAC_EPS = 1e-12
+_STATE_VERSION = 1
+ENTROPY_FLOOR_NAME = "entropy_floor"
+DEFAULT_RAMP_FRAC = 0.01
+
+
+@dataclass(frozen=True)
+class ReleaseEvent:
+    """A rule released its multiplier (one ``kind: "release"`` line in metrics.jsonl)."""
+
+    rule: str
+    reason: Reason
+    step: int
+    frac: float
+
+    def to_dict(self) -> dict:
+        """Plain dict with ``rule``, ``reason``, ``step``, ``frac``."""
+        return asdict(self)
+
+
+class ReleaseController:
+    """Hold/release/ramp state machine for one rule (pure Python, no collectives).
+
+    Args:
+        name: rule name (``mult/<name>`` in the metrics).
+        policy: ``maturity``, ``fixed`` or ``never``.
+        planned_steps: planned optimizer steps of the run (fractions are relative to it).
+        hold_value: factor before the release (the rule's multiplier).
+        final_value: factor after the ramp (1.0 for multipliers, 0.0 for the entropy floor).
+        threshold: maturity threshold on the lower-copy score.
+        patience: consecutive in-window evaluations at or above the threshold.
+        min_frac: evaluations before this fraction do not count.
+        max_frac: forced release at the first step with ``frac >= max_frac``.
+        release_frac: fixed release point (``fixed`` only).
+        ramp_frac: ramp length as a fraction of ``planned_steps``.
+
+    Raises:
+        ValueError: on an inconsistent configuration.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        policy: Policy,
+        planned_steps: int,
+        hold_value: float,
+        final_value: float = 1.0,
+        threshold: float = 0.005,
+        patience: int = 3,
+        min_frac: float = 0.03,
+        max_frac: float = 0.12,
+        release_frac: float | None = None,
+        ramp_frac: float = DEFAULT_RAMP_FRAC,
+    ):
+        if policy not in ("maturity", "fixed", "never"):
+            raise ValueError(f"rule {name!r}: unknown release policy {policy!r}")
+        if planned_steps < 1:
+            raise ValueError(f"rule {name!r}: planned_steps must be >= 1, got {planned_steps}")
+        if patience < 1:
+            raise ValueError(f"rule {name!r}: patience must be >= 1, got {patience}")
+        if not 0.0 <= min_frac <= max_frac:
+            raise ValueError(f"rule {name!r}: need 0 <= min_frac <= max_frac")
+        if policy == "fixed" and release_frac is None:
+            raise ValueError(f"rule {name!r}: release 'fixed' needs release_frac")
+        if ramp_frac < 0:
+            raise ValueError(f"rule {name!r}: ramp_frac must be >= 0, got {ramp_frac}")
+        self.name = name
+        self.policy: Policy = policy
+        self.planned_steps = int(planned_steps)
+        self.hold_value = float(hold_value)
+        self.final_value = float(final_value)
+        self.threshold = float(threshold)
+        self.patience = int(patience)
+        self.min_frac = float(min_frac)
+        self.max_frac = float(max_frac)
+        self.release_frac = None if release_frac is None else float(release_frac)
+        # Python's round (half to even), as specified: round(ramp_frac * planned_steps).
+        self.ramp_steps = int(round(ramp_frac * self.planned_steps))
+        # Dynamic state (what state_dict saves).
+        self.release_step: int | None = None
+        self.release_reason: Reason | None = None
+        self.streak = 0
+        self.last_observed_step: int | None = None
+
+    # ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_rule(cls, rule: MultiplierRuleConfig, planned_steps: int) -> ReleaseController:
+        """Controller for a multiplier rule: hold ``rule.multiplier``, then ramp to 1.0."""
+        return cls(
+            name=rule.name,
+            policy=rule.release,
+            planned_steps=planned_steps,
+            hold_value=rule.multiplier,
+            final_value=1.0,
+            threshold=rule.threshold,
+            patience=rule.patience,
+            min_frac=rule.min_frac,
+            max_frac=rule.max_frac,
+            release_frac=rule.release_frac,
+            ramp_frac=rule.ramp_frac,
+        )
+
+    @classmethod
+    def for_entropy_floor(
+        cls, cfg: EntropyFloorConfig, planned_steps: int, ramp_frac: float = DEFAULT_RAMP_FRAC
+    ) -> ReleaseController:
+        """Controller for the entropy-floor weight: 1.0 until the maturity release, ramp to 0.
+
+        The penalty is ``lam * factor(step) * max(0, h0 - H_upper)``
+        (:func:`entropy_floor_penalty`). ``EntropyFloorConfig`` has no ramp length, so the
+        multiplier rules' default (1% of training) is used.
+        """
+        return cls(
+            name=ENTROPY_FLOOR_NAME,
+            policy="maturity",
+            planned_steps=planned_steps,
+            hold_value=1.0,
+            final_value=0.0,
+            threshold=cfg.threshold,
+            patience=cfg.patience,
+            min_frac=cfg.min_frac,
+            max_frac=cfg.max_frac,
+            ramp_frac=ramp_frac,
+        )
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def released(self) -> bool:
+        """Whether the release has happened."""
+        return self.release_step is not None
+
+    def factor(self, step: int) -> float:
+        """Factor in force after ``step`` completed optimizer steps."""
+        if self.release_step is None or step < self.release_step:
+            return self.hold_value
+        if self.ramp_steps == 0:
+            return self.final_value
+        t = min(1.0, (step - self.release_step) / self.ramp_steps)
+        if t >= 1.0:
+            return self.final_value  # exact, not hold + (final - hold) * 1.0 with rounding
+        return self.hold_value + (self.final_value - self.hold_value) * t
+
+    def on_step(self, step: int, frac: float) -> ReleaseEvent | None:
+        """Check the step-driven releases (forced at ``max_frac``, fixed at ``release_frac``).
+
+        Call after every optimizer step (the scheduler does). Idempotent for a repeated step.
+        """
+        if self.released or self.policy == "never":
+            return None
+        if self.policy == "maturity" and frac >= self.max_frac - _FRAC_EPS:
+            return self._release(step, frac, "forced")
+        if self.policy == "fixed" and frac >= self.release_frac - _FRAC_EPS:
+            return self._release(step, frac, "fixed")
+        return None
+
+    def observe(self, step: int, frac: float, lower_copy: float) -> ReleaseEvent | None:
+        """Feed the (globally reduced) lower-copy score of the evaluation after ``step``.
+
+        Only ``maturity`` rules react. Evaluations outside ``[min_frac, max_frac]`` neither
+        count nor reset. A score below the threshold, or NaN (no valid repeated-token
+        position), resets the count. A second observation at an already observed step is
+        ignored, so re-running an evaluation after a resume cannot count twice.
+
+        Returns:
+            The release event when this evaluation completes the patience, else None.
+        """
+        if self.released or self.policy != "maturity":
+            return None
+        if self.last_observed_step is not None and step <= self.last_observed_step:
+            return None
+        if frac < self.min_frac - _FRAC_EPS or frac > self.max_frac + _FRAC_EPS:
+            return None
+        self.last_observed_step = int(step)
+        score = float(lower_copy)
+        if not math.isnan(score) and score >= self.threshold:
+            self.streak += 1
+        else:
+            self.streak = 0
+        if self.streak >= self.patience:
+            return self._release(step, frac, "maturity")
+        return None
+
+    def _release(self, step: int, frac: float, reason: Reason) -> ReleaseEvent:
+        self.release_step = int(step)
+        self.release_reason = reason
+        return ReleaseEvent(rule=self.name, reason=reason, step=int(step), frac=float(frac))
+
+    # ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The dynamic state as plain JSON-able values (the configuration comes from the recipe)."""
+        return {
+            "version": _STATE_VERSION,
+            "name": self.name,
+            "policy": self.policy,
+            "release_step": self.release_step,
+            "release_reason": self.release_reason,
+            "streak": self.streak,
+            "last_observed_step": self.last_observed_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output.
+
+        Raises:
+            ValueError: when the state belongs to another rule or policy.
+        """
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"rule {self.name!r}: unsupported state version {state.get('version')}"
+            )
+        if state["name"] != self.name or state["policy"] != self.policy:
+            raise ValueError(
+                f"rule {self.name!r} ({self.policy}) cannot load the state of rule "
+                f"{state['name']!r} ({state['policy']})"
+            )
+        self.release_step = state["release_step"]
+        self.release_reason = state["release_reason"]
+        self.streak = int(state["streak"])
+        self.last_observed_step = state["last_observed_step"]
+
+
+def entropy_floor_penalty(upper_entropy: torch.Tensor, h0: float, weight: float) -> torch.Tensor:
+    """The entropy-floor term ``weight * max(0, h0 - H_upper)`` (Appendix D).
+
+    Args:
+        upper_entropy: differentiable mean upper-half attention entropy (normalised to [0, 1]).
+        h0: the floor (paper: 0.8).
+        weight: ``lam * controller.factor(step)``, from
+            ``MultiplierScheduler.entropy_floor_weight()``.
+    """
+    return weight * torch.clamp(h0 - upper_entropy, min=0.0)
+
+
+def global_score(
+    local: float | None, weight: float = 1.0, group: torch.distributed.ProcessGroup | None = None
+) -> float:
+    """Weighted mean of the ranks' local scores, bit-identical on every rank (collective).
+
+    Ranks that did not compute the score (e.g. pipeline stages without lower layers) pass
+    ``None`` and contribute nothing. The weight lets ranks holding different shares (heads on
+    TP ranks, positions) combine into the global mean; DP replicas that computed the same value
+    simply average to it. After the all-reduce the result is broadcast from the group's first
+    rank, so the release decision cannot differ by a rounding difference between ranks.
+
+    Args:
+        local: this rank's score, or None.
+        weight: this rank's weight (ignored when ``local`` is None).
+        group: process group (default: the world).
+
+    Returns:
+        The global score (NaN if a contributing rank passed NaN).
+
+    Raises:
+        RuntimeError: when no rank passed a score.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        if local is None:
+            raise RuntimeError("global_score: no score given (single process)")
+        return float(local)
+    device = torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    if local is None:
+        buf = torch.zeros(2, dtype=torch.float64, device=device)
+    else:
+        buf = torch.tensor([float(local) * weight, weight], dtype=torch.float64, device=device)
+    dist.all_reduce(buf, group=group)
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    dist.broadcast(buf, src=src, group=group)
+    total, count = buf.tolist()
+    if count == 0:
+        raise RuntimeError("global_score: no rank passed a score")
+    return total / count
