@@ -146,9 +146,21 @@ def _cli_train(tmp_path: Path, name: str, nproc: int, *overrides: str) -> list[d
     return read_metrics(run_dir)
 
 
+# The paper's rule on upper-half W_Q/W_K with a window that lets maturity fire at the step-3
+# evaluation of a 6-step run, so layouts must agree on selection, diagnostics and release.
+UPPER_QK = (
+    "optim.rules=[{name: upper_qk, threshold: 0.01, patience: 1, min_frac: 0.4, "
+    "max_frac: 0.9, ramp_frac: 0.34}]"
+)
+
+# Diagnostics round up to whole micro-batches x DP; 8 sequences are the same samples at DP=1
+# (two rounds of 4) and DP=2 (one round of 4 per rank).
+DIAG_8 = "diagnostics.num_sequences=8"
+
+
 @pytest.fixture(scope="module")
 def single_process_ref(tmp_path_factory):
-    return _cli_train(tmp_path_factory.mktemp("ref"), "ref", 1)
+    return _cli_train(tmp_path_factory.mktemp("ref"), "ref", 1, UPPER_QK, DIAG_8)
 
 
 @pytest.mark.parametrize(
@@ -167,11 +179,24 @@ def test_two_process_layouts_match_single_process(tmp_path, single_process_ref, 
     (reduce-scatter / TP all-reduce / p2p), which moves the last bits each step.
     """
     ref = single_process_ref
-    got = _cli_train(tmp_path, "two", 2, *layout)
+    got = _cli_train(tmp_path, "two", 2, UPPER_QK, DIAG_8, *layout)
     assert [r["kind"] for r in got] == [r["kind"] for r in ref]
+    keys = {
+        "train": ("loss", "mult/upper_qk"),
+        "eval": ("val_loss",),
+        "diag": ("lower_copy", "upper_entropy", "upper_logit"),
+        "release": ("step", "reason"),
+    }
     for a, b in zip(ref, got):
-        key = "loss" if a["kind"] == "train" else "val_loss"
-        assert b[key] == pytest.approx(a[key], rel=1e-4), (a, b)
+        for key in keys[a["kind"]]:
+            want = a[key] if isinstance(a[key], str) else pytest.approx(a[key], rel=1e-4)
+            assert b[key] == want, (key, a, b)
+    releases = [(r["rule"], r["reason"], r["step"]) for r in ref if r["kind"] == "release"]
+    assert releases == [("upper_qk", "maturity", 3)]
+    # Released after step 3; the ramp (2 steps) starts from the multiplier at the release step.
+    assert [r["mult/upper_qk"] for r in ref if r["kind"] == "train"] == pytest.approx(
+        [0.25, 0.25, 0.25, 0.25, 0.625, 1.0]
+    )
 
 
 def _preprocessed_prefix(tmp_path: Path, num_docs: int) -> Path:

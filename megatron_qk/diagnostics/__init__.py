@@ -1,1 +1,1 @@
-"""megatron_qk.diagnostics."""
+"""Mechanism diagnostics: post-RoPE Q/K capture, attention probes, recorders."""

@@ -1,7 +1,9 @@
 """Megatron-Core layer specs for the paper's architectures (FFN x norm x bias, split Q/K/V).
 
 Everything goes through Megatron's ``ModuleSpec`` seams: the stock local or Transformer Engine
-spec is taken as is and only the ``linear_qkv`` slot is swapped for :class:`SplitQKVLinear`.
+spec is taken as is; the ``linear_qkv`` slot is swapped for :class:`SplitQKVLinear` and the
+``core_attention`` class is subclassed to hand post-RoPE Q/K to probes
+(:func:`megatron_qk.diagnostics.capture.capturing_core_attention`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_qk.config.schema import ModelConfig
+from megatron_qk.diagnostics.capture import capturing_core_attention
 from megatron_qk.models.split_qkv import SplitQKVLinear, _te_split_class
 
 # Single source of truth for the FFN variants: (gated_linear_unit, activation_func).
@@ -56,16 +59,23 @@ def build_layer_spec(model_cfg: ModelConfig, use_te: bool):
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
+    from megatron.core.transformer.spec_utils import ModuleSpec
 
     norm = "RMSNorm" if model_cfg.normalization == "rmsnorm" else "LayerNorm"
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec(normalization=norm)
     else:
         spec = get_gpt_layer_local_spec(normalization=norm)
-    if not model_cfg.split_qkv:
-        return spec
     spec = copy.deepcopy(spec)
     attention = spec.submodules.self_attention.submodules
+    # Post-RoPE Q/K reach the diagnostics and the entropy floor through core attention.
+    core = attention.core_attention
+    if isinstance(core, ModuleSpec):
+        core.module = capturing_core_attention(core.module)
+    else:
+        attention.core_attention = capturing_core_attention(core)
+    if not model_cfg.split_qkv:
+        return spec
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
 

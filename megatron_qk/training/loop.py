@@ -12,13 +12,16 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from megatron_qk.config.loader import config_to_dict
-from megatron_qk.config.schema import ExperimentConfig
+from megatron_qk.config.schema import ConfigError, ExperimentConfig
+from megatron_qk.diagnostics.capture import AttentionRecorder
+from megatron_qk.optim.release import entropy_floor_penalty
 from megatron_qk.training import checkpoint as ckpt
 from megatron_qk.training.data import build_datasets, micro_batches
 from megatron_qk.training.distributed import ParallelInfo
@@ -43,12 +46,18 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(
-        batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
-    )
-    return output, partial(_loss_func, batch["loss_mask"])
+def _loss_with_floor(loss_mask, penalty_fn, output_tensor):
+    """:func:`_loss_func` plus the entropy-floor penalty of this micro-batch.
+
+    The penalty is added per token (``penalty * num_tokens`` to the token-loss sum), so after
+    Megatron divides by the token count the objective is ``lm_loss + penalty``; the reported
+    ``lm loss`` stays the language-model loss alone.
+    """
+    loss_sum, num_tokens, report = _loss_func(loss_mask, output_tensor)
+    penalty = penalty_fn()
+    if penalty is not None:
+        loss_sum = loss_sum + penalty * num_tokens
+    return loss_sum, num_tokens, report
 
 
 def _global_loss(loss_dicts: list[dict], info: ParallelInfo, device: torch.device) -> float:
@@ -64,6 +73,23 @@ def _global_loss(loss_dicts: list[dict], info: ParallelInfo, device: torch.devic
     if torch.distributed.is_initialized() and info.world_size > 1:
         torch.distributed.all_reduce(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def check_entropy_floor_layout(cfg: ExperimentConfig) -> None:
+    """The entropy floor adds its penalty in the loss, so every upper layer must be on the last
+    pipeline stage (true for PP=1 and for PP=2 with an even layer count).
+
+    Raises:
+        ConfigError: naming the pipeline size when an upper layer sits on an earlier stage.
+    """
+    layers, pp = cfg.model.num_layers, cfg.parallel.pipeline_model_parallel_size
+    first_on_last_stage = layers - layers // pp + 1
+    if first_on_last_stage > layers // 2 + 1:
+        raise ConfigError(
+            "parallel.pipeline_model_parallel_size",
+            f"optim.entropy_floor needs all upper-half layers ({layers // 2 + 1}-{layers}) on "
+            f"the last pipeline stage, but with PP={pp} it starts at layer {first_on_last_stage}",
+        )
 
 
 class Trainer:
@@ -123,24 +149,55 @@ class Trainer:
         self.consumed_samples = 0
         self.releases: dict[str, dict] = {}
         self.last_eval: dict | None = None
+        self.last_diag: dict | None = None
+        self.recorder = AttentionRecorder(
+            self.model_chunks, cfg.model.num_layers, cfg.diagnostics.chunk_size
+        )
+        self._floor_weight = 0.0
+        maturity = any(r.release == "maturity" for r in cfg.optim.rules)
+        self._diagnostics_needed = (
+            cfg.diagnostics.enabled or maturity or cfg.optim.entropy_floor.enabled
+        )
+        if cfg.optim.entropy_floor.enabled:
+            check_entropy_floor_layout(cfg)
 
     # ----------------------------------------------------------------------------------------
-    def _run_batches(self, dataset, start: int, forward_only: bool) -> float:
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        self.recorder.set_tokens(batch["tokens"])
+        output = model(
+            batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
+        )
+        if self._floor_weight > 0:
+            return output, partial(_loss_with_floor, batch["loss_mask"], self._floor_penalty)
+        return output, partial(_loss_func, batch["loss_mask"])
+
+    def _floor_penalty(self) -> torch.Tensor | None:
+        upper_entropy = self.recorder.pop_upper_entropy()
+        if upper_entropy is None:
+            return None
+        floor = self.cfg.optim.entropy_floor
+        return entropy_floor_penalty(upper_entropy, floor.h0, self._floor_weight)
+
+    def _run_batches(
+        self, dataset, start: int, forward_only: bool, num_microbatches: int | None = None
+    ) -> float:
         t = self.cfg.training
+        num_microbatches = num_microbatches or self.num_microbatches
         it = micro_batches(
             dataset,
             start,
-            self.num_microbatches,
+            num_microbatches,
             t.micro_batch_size,
             self.info.dp_rank,
             self.info.dp_size,
             self.info.device,
         )
         loss_dicts = self.forward_backward(
-            forward_step_func=_forward_step,
+            forward_step_func=self._forward_step,
             data_iterator=it,
             model=self.model,
-            num_microbatches=self.num_microbatches,
+            num_microbatches=num_microbatches,
             seq_length=self.cfg.model.seq_length,
             micro_batch_size=t.micro_batch_size,
             forward_only=forward_only,
@@ -153,7 +210,11 @@ class Trainer:
         start = time.perf_counter()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss = self._run_batches(self.datasets.train, self.consumed_samples, forward_only=False)
+        self._floor_weight = self.scheduler.entropy_floor_weight()
+        floor = self.recorder.entropy_floor() if self._floor_weight > 0 else nullcontext()
+        with floor:
+            loss = self._run_batches(self.datasets.train, self.consumed_samples, forward_only=False)
+        self._floor_weight = 0.0
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss is {loss} at step {self.step + 1}; the step was not applied. "
@@ -201,6 +262,7 @@ class Trainer:
                 self._run_batches(self.datasets.valid, i * t.global_batch_size, forward_only=True)
             )
         val_loss = sum(losses) / len(losses)
+        self.last_diag = self._diagnose() if self._diagnostics_needed else None
         return {
             "kind": "eval",
             "step": self.step,
@@ -208,6 +270,29 @@ class Trainer:
             "frac": self.step / self.planned_steps,
             "val_loss": val_loss,
             "val_ppl": math.exp(min(val_loss, 700.0)),
+        }
+
+    @torch.no_grad()
+    def _diagnose(self) -> dict:
+        """Attention probes on the fixed held-out diagnostic sequences (collective).
+
+        The first ``diagnostics.num_sequences`` validation samples (rounded up to whole
+        micro-batches over the data-parallel ranks) go through the model's own forward pass;
+        the recorder recomputes each layer's attention from its post-RoPE Q/K.
+        """
+        t, d = self.cfg.training, self.cfg.diagnostics
+        per_round = t.micro_batch_size * self.info.dp_size
+        rounds = max(1, -(-d.num_sequences // per_round))
+        with self.recorder.statistics():
+            self._run_batches(self.datasets.valid, 0, forward_only=True, num_microbatches=rounds)
+        record = self.recorder.reduce(self.info.device)
+        return {
+            "kind": "diag",
+            "step": self.step,
+            "tokens": self.consumed_samples * self.cfg.model.seq_length,
+            "frac": self.step / self.planned_steps,
+            "sequences": rounds * per_round,
+            **record,
         }
 
     # ----------------------------------------------------------------------------------------
@@ -328,6 +413,12 @@ class Trainer:
         record = self.evaluate()
         self.last_eval = record
         sinks.write(record)
+        if self.last_diag is not None:
+            sinks.write(self.last_diag)
+            self.scheduler.observe_evaluation(self.step, self.last_diag["lower_copy"])
+            for rec in self._event_records(self.scheduler.pop_events()):
+                sinks.write(rec)
+                bar.write(f"release {rec['rule']} ({rec['reason']}) at step {rec['step']}")
         bar.write(
             f"step {self.step}/{self.planned_steps}: val_loss {record['val_loss']:.4f} "
             f"ppl {record['val_ppl']:.2f}"

@@ -1,0 +1,131 @@
+"""Attention probes as pure functions of one layer's post-RoPE Q/K and the input tokens.
+
+Shapes follow Megatron's core attention: ``query [s, b, np, hn]``, ``key [s, b, ng, hn]`` with
+``np`` a multiple of ``ng`` (GQA), tokens ``[b, s]``. The attention pattern is recomputed from Q
+and K (causal softmax with the layer's softmax scale), so the probes work whatever kernel the
+model itself uses (local, flash, Transformer Engine).
+
+Definitions (the paper's, made precise):
+
+* **copy mass** (lower-copy score when averaged over the lower half): at each query position
+  ``i`` whose token occurred before, the attention probability on the *nearest* previous
+  occurrence ``j = max{j < i : t_j = t_i}``; averaged over heads and such positions.
+* **entropy**: row entropy of the causal attention distribution divided by ``log(i + 1)`` (the
+  log of the number of keys the row can see), so it lies in [0, 1]; row 0 (one key) is skipped.
+* **logit magnitude**: root mean square of the scaled pre-softmax logits ``q·k * scale`` over
+  causal (query, key) pairs.
+
+Each probe returns per-layer *sums and counts* so that ranks holding different heads (TP),
+layers (PP) or sequences (DP) combine exactly by an all-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Order of the statistics in :func:`layer_statistics`' output.
+STATS = ("copy", "entropy", "logit")
+
+
+def previous_occurrence(tokens: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest previous occurrence of each token, ``-1`` where there is none.
+
+    Args:
+        tokens: ``[b, s]`` integer tokens.
+
+    Returns:
+        ``[b, s]`` long tensor.
+    """
+    b, s = tokens.shape
+    pos = torch.arange(s, device=tokens.device)
+    same = tokens[:, :, None] == tokens[:, None, :]  # [b, i, j]
+    earlier = pos[None, :, None] > pos[None, None, :]
+    candidates = torch.where(same & earlier, pos[None, None, :], torch.full_like(pos, -1))
+    return candidates.max(dim=-1).values
+
+
+def _expand_groups(key: torch.Tensor, num_heads: int) -> torch.Tensor:
+    groups = key.shape[2]
+    if groups == num_heads:
+        return key
+    return key.repeat_interleave(num_heads // groups, dim=2)
+
+
+def _causal_rows(q: torch.Tensor, k: torch.Tensor, scale: float, rows: slice) -> torch.Tensor:
+    """Scaled logits ``[b, h, r, s]`` of query rows ``rows`` with future keys at -inf."""
+    logits = torch.einsum("rbhd,sbhd->bhrs", q[rows].float(), k.float()) * scale
+    r_idx = torch.arange(rows.start, rows.stop, device=q.device)[:, None]
+    k_idx = torch.arange(k.shape[0], device=q.device)[None, :]
+    return logits.masked_fill(k_idx > r_idx, float("-inf"))
+
+
+@torch.no_grad()
+def layer_statistics(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    tokens: torch.Tensor,
+    scale: float,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """Sums and counts of copy mass, normalised entropy and logit RMS for one layer.
+
+    Args:
+        query: ``[s, b, np, hn]`` post-RoPE queries (this rank's heads).
+        key: ``[s, b, ng, hn]`` post-RoPE keys.
+        tokens: ``[b, s]`` input tokens of the same micro-batch.
+        scale: the layer's softmax scale (``1/sqrt(hn)`` unless configured).
+        chunk_size: query rows per chunk (bounds memory at ``b*np*chunk*s`` floats).
+
+    Returns:
+        float64 ``[3, 2]``: rows :data:`STATS`, columns (sum, count). The logit row sums squared
+        logits (take the square root of the mean).
+    """
+    s, _, heads, _ = query.shape
+    key = _expand_groups(key, heads)
+    prev = previous_occurrence(tokens)  # [b, s]
+    out = torch.zeros(3, 2, dtype=torch.float64, device=query.device)
+    for start in range(0, s, chunk_size):
+        rows = slice(start, min(s, start + chunk_size))
+        logits = _causal_rows(query, key, scale, rows)  # [b, h, r, s]
+        probs = torch.softmax(logits, dim=-1)
+        r_idx = torch.arange(rows.start, rows.stop, device=query.device)
+        # Copy mass on the nearest previous occurrence.
+        p = prev[:, rows]  # [b, r]
+        valid = p >= 0
+        gathered = probs.gather(-1, p.clamp(min=0)[:, None, :, None].expand(-1, heads, -1, 1))
+        mass = gathered.squeeze(-1) * valid[:, None, :]
+        out[0, 0] += mass.sum().double()
+        out[0, 1] += valid.sum().double() * heads
+        # Normalised entropy, rows with at least two keys.
+        plogp = torch.where(probs > 0, probs * torch.log(probs), torch.zeros_like(probs))
+        ent = -plogp.sum(-1)  # [b, h, r]
+        norm = torch.log((r_idx + 1).double()).float()
+        use = r_idx >= 1
+        out[1, 0] += (ent[..., use] / norm[use]).sum().double()
+        out[1, 1] += float(ent[..., use].numel())
+        # Logit RMS over causal pairs.
+        finite = torch.isfinite(logits)
+        out[2, 0] += torch.where(finite, logits, torch.zeros_like(logits)).pow(2).sum().double()
+        out[2, 1] += finite.sum().double()
+    return out
+
+
+def normalized_entropy_sum(
+    query: torch.Tensor, key: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, int]:
+    """Differentiable sum of normalised row entropies (rows >= 1) and the row count.
+
+    Used by the entropy floor on the training batch; gradients flow to ``query`` and ``key``.
+    """
+    s, _, heads, _ = query.shape
+    key = _expand_groups(key, heads)
+    logits = _causal_rows(query, key, scale, slice(0, s))
+    logp = torch.log_softmax(logits, dim=-1)
+    # Masked keys have logp = -inf; zero them *before* multiplying so no 0 * inf reaches the
+    # backward pass (torch.where after the product would still propagate NaN gradients).
+    causal = torch.isfinite(logp)
+    logp = torch.where(causal, logp, torch.zeros_like(logp))
+    probs = logp.exp() * causal
+    ent = -(probs * logp).sum(-1)[..., 1:]  # [b, h, s-1]
+    norm = torch.log(torch.arange(2, s + 1, device=query.device, dtype=torch.float32))
+    return (ent / norm).sum(), ent.numel()
