@@ -93,10 +93,22 @@ def setup_distributed(cfg: ExperimentConfig) -> ParallelInfo:
             world_size=world_size,
         )
     p = cfg.parallel
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-    )
+    if parallel_state.model_parallel_is_initialized():
+        # In-process reuse (tests, notebooks): only the same layout may be reused.
+        have = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+        )
+        if have != (p.tensor_model_parallel_size, p.pipeline_model_parallel_size):
+            raise RuntimeError(
+                f"Megatron parallel state is already initialised with TP/PP={have}; call "
+                "teardown_distributed() before training another layout in this process"
+            )
+    else:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        )
     seed_everything(cfg.training.seed)
     return ParallelInfo(
         rank=torch.distributed.get_rank(),

@@ -1,0 +1,156 @@
+"""Multiplier rules inside Megatron's optimizer: first-step updates, resume, group identities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_qk.config.loader import load_config
+from megatron_qk.training.entry import train_from_config
+
+
+def _cfg(tmp_path: Path, name: str, *overrides: str):
+    return load_config(
+        "tiny",
+        [
+            f"training.output_dir={tmp_path / name}",
+            "training.train_steps=12",
+            "training.eval_interval=2",
+            "logging.progress_bar=false",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    from megatron_qk.training.distributed import setup_distributed, teardown_distributed
+
+    setup_distributed(load_config("tiny"))
+    yield
+    teardown_distributed()
+
+
+def _first_update(tmp_path: Path, name: str, *overrides: str) -> dict[str, torch.Tensor]:
+    """Parameter change of the first optimizer step, by parameter name."""
+    from megatron_qk.training.distributed import setup_distributed
+    from megatron_qk.training.loop import Trainer
+
+    # No warmup: Megatron's first warmup step has lr 0, which would make every update zero.
+    # No clipping: the global grad norm is summed in group order, so regrouping parameters
+    # moves its last bits and the clip factor with it; without clipping updates are exact.
+    cfg = _cfg(tmp_path, name, "optim.warmup_frac=0", "optim.clip_grad=0", *overrides)
+    trainer = Trainer(cfg, setup_distributed(cfg))
+    model = trainer.model_chunks[0].module
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train_step()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("distopt", [False, True])
+def test_first_step_update_is_multiplier_times_control(tmp_path, single_rank, distopt):
+    """Selected tensors move by exactly 0.25x the control's update; all others identically."""
+    common = (f"parallel.use_distributed_optimizer={str(distopt).lower()}",)
+    control = _first_update(tmp_path, "control", *common)
+    rule = _first_update(tmp_path, "rule", *common, "optim.rules=[{name: upper_qk}]")
+    selected = set()
+    for name, delta in control.items():
+        upper = any(f"decoder.layers.{i}." in name for i in (2, 3))  # layers 3, 4 of 4
+        is_qk = ".linear_q." in name or ".linear_k." in name
+        assert delta.abs().max() > 0, name
+        if upper and is_qk:
+            selected.add(name)
+            torch.testing.assert_close(rule[name], 0.25 * delta, rtol=1e-5, atol=1e-9)
+        else:
+            torch.testing.assert_close(rule[name], delta, rtol=0, atol=0)
+    # upper layers' q and k weight + bias: 2 layers x 2 roles x 2 tensors
+    assert len(selected) == 8
+    assert any(".linear_v." in n and "layers.3." in n for n in control)
+
+
+def test_group_collision_is_refused():
+    """Two groups with the same checkpoint identity would swap state on load: refuse them."""
+    from megatron_qk.optim import check_group_identities
+
+    class Fake:
+        param_groups = [
+            {"wd_mult": 1.0, "lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False},
+            {"wd_mult": 1.0, "lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False},
+        ]
+
+    with pytest.raises(RuntimeError, match="share the checkpoint identity"):
+        check_group_identities(Fake())
+    Fake.param_groups[1]["lr_mult"] = "mqk_rule:upper_qk"
+    check_group_identities(Fake())
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _comparable(records: list[dict]) -> list[tuple]:
+    out = []
+    for r in records:
+        if r["kind"] == "train":
+            out.append(("train", r["step"], r["loss"], r["mult/upper_qk"], r["lr"]))
+        elif r["kind"] == "eval":
+            out.append(("eval", r["step"], r["val_loss"]))
+        elif r["kind"] == "diag":
+            out.append(("diag", r["step"], r["lower_copy"]))
+        elif r["kind"] == "release":
+            out.append(("release", r["rule"], r["reason"], r["step"]))
+    return out
+
+
+# Maturity with a low threshold: evaluations at steps 4 and 6 (fracs 0.33, 0.5) are inside the
+# window, so the rule releases at step 6 and ramps over 3 steps (0.25 of 12).
+RULE = (
+    "optim.rules=[{name: upper_qk, threshold: 0.01, patience: 2, min_frac: 0.3, max_frac: 0.9, "
+    "ramp_frac: 0.25}]"
+)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref")
+    summary = train_from_config(_cfg(path, "run", RULE))
+    return _comparable(_metrics(path / "run")), summary
+
+
+@pytest.mark.parametrize("stop_after", [3, 7, 10], ids=["hold", "ramp", "after"])
+def test_resume_equals_uninterrupted(tmp_path, uninterrupted, stop_after):
+    ref, ref_summary = uninterrupted
+    releases = [r for r in ref if r[0] == "release"]
+    assert releases == [("release", "upper_qk", "maturity", 6)]
+    first = _cfg(tmp_path, "run", RULE, f"training.exit_after_steps={stop_after}")
+    train_from_config(first)
+    summary = train_from_config(_cfg(tmp_path, "run", RULE))
+    got = _comparable(_metrics(tmp_path / "run"))
+    assert [g[:2] for g in got] == [r[:2] for r in ref]
+    for a, b in zip(ref, got):
+        assert b[:2] == a[:2]
+        want = [x if isinstance(x, str) else pytest.approx(x, rel=1e-6) for x in a[2:]]
+        assert list(b[2:]) == want, (a, b)
+    assert summary["release"] == ref_summary["release"]
+    assert summary["release"]["upper_qk"]["step"] == 6
+
+
+def test_groups_keep_their_learning_rates_after_reload(tmp_path, single_rank):
+    """After loading a checkpoint taken in the hold, the rule group runs at 0.25x the base lr."""
+    from megatron_qk.training.distributed import setup_distributed
+    from megatron_qk.training.loop import Trainer
+
+    hold = ("optim.rules=[{name: upper_qk, release: fixed, release_frac: 0.9}]",)
+    train_from_config(_cfg(tmp_path, "run", *hold, "training.exit_after_steps=3"))
+    cfg = _cfg(tmp_path, "run", *hold)
+    trainer = Trainer(cfg, setup_distributed(cfg))
+    assert trainer.maybe_resume() and trainer.step == 3
+    groups = trainer.optimizer.param_groups
+    base = [g["lr"] for g in groups if not g.get("mqk_rule")]
+    ruled = [g["lr"] for g in groups if g.get("mqk_rule") == "upper_qk"]
+    assert base and ruled and len(set(base)) == 1
+    assert ruled == pytest.approx([0.25 * base[0]] * len(ruled))
+    assert sum(len(g["params"]) for g in groups if g.get("mqk_rule")) == 8
