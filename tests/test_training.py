@@ -102,7 +102,8 @@ def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
         return float("nan") if calls["n"] == 9 else value
 
     monkeypatch.setattr(loop, "_global_loss", poisoned)
-    cfg = tiny(tmp_path, "nan", "training.save_interval=2")
+    # Diagnostics off: their held-out pass would add a _global_loss call to every evaluation.
+    cfg = tiny(tmp_path, "nan", "training.save_interval=2", "diagnostics.enabled=false")
     with pytest.raises(SystemExit) as exc:
         train_from_config(cfg)
     assert exc.value.code == 3
