@@ -154,3 +154,27 @@ def test_groups_keep_their_learning_rates_after_reload(tmp_path, single_rank):
     assert base and ruled and len(set(base)) == 1
     assert ruled == pytest.approx([0.25 * base[0]] * len(ruled))
     assert sum(len(g["params"]) for g in groups if g.get("mqk_rule")) == 8
+
+
+def test_entropy_floor_pushes_only_attention_and_vanishes_above_the_floor(tmp_path, single_rank):
+    """With h0 above the upper entropy the floor's gradient changes the first update of upper
+    W_Q (and whatever feeds upper Q/K) but not the top layer's V or FFN; with h0 = 0 the penalty
+    is max(0, negative) = 0 and the update equals the control's exactly."""
+    control = _first_update(tmp_path, "control")
+    floor_on = "optim.entropy_floor.enabled=true"
+    idle = _first_update(tmp_path, "idle", floor_on, "optim.entropy_floor.h0=0.0")
+    for name, delta in control.items():
+        torch.testing.assert_close(idle[name], delta, rtol=0, atol=0)
+    # A strong floor (lam 50) so its gradient dominates Adam's normalised first step.
+    active = _first_update(
+        tmp_path, "active", floor_on, "optim.entropy_floor.h0=1.5", "optim.entropy_floor.lam=50"
+    )
+    upper_q = "decoder.layers.3.self_attention.linear_qkv.linear_q.weight"
+    assert not torch.equal(active[upper_q], control[upper_q])
+    # The penalty depends on upper-layer Q and K only; V of the top layer and the top FFN get
+    # no gradient from it, so their first update is exactly the control's.
+    for unaffected in (
+        "decoder.layers.3.self_attention.linear_qkv.linear_v.weight",
+        "decoder.layers.3.mlp.linear_fc2.weight",
+    ):
+        torch.testing.assert_close(active[unaffected], control[unaffected], rtol=0, atol=0)
