@@ -25,15 +25,6 @@ def _cfg(tmp_path: Path, name: str, *overrides: str):
     )
 
 
-@pytest.fixture(scope="module")
-def single_rank():
-    from megatron_qk.training.distributed import setup_distributed, teardown_distributed
-
-    setup_distributed(load_config("tiny"))
-    yield
-    teardown_distributed()
-
-
 def _first_update(tmp_path: Path, name: str, *overrides: str) -> dict[str, torch.Tensor]:
     """Parameter change of the first optimizer step, by parameter name."""
     from megatron_qk.training.distributed import setup_distributed

@@ -109,16 +109,8 @@ class SplitQKVLinear(MegatronModule):
 
     def _interleave(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Rows (or bias entries) of this rank's Q, K, V in the fused group-major order."""
-        g, hn = self.groups_per_rank, self.head_dim
-        tail = q.shape[1:]
-        return torch.cat(
-            [
-                q.view(g, self.q_per_group * hn, *tail),
-                k.view(g, hn, *tail),
-                v.view(g, hn, *tail),
-            ],
-            dim=1,
-        ).view(-1, *tail)
+        groups = self.groups_per_rank
+        return split_qkv_to_fused(q, k, v, groups * self.q_per_group, groups, self.head_dim)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, None]:
         """Project ``[s, b, h]`` to the fused group-major ``[s, b, ng_p*(np/ng+2)*hn]`` layout."""

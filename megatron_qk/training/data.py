@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 from megatron_qk.config.schema import ConfigError, ExperimentConfig
+from megatron_qk.data.tokenizer import EOD_TOKEN_ID
 
 logger = logging.getLogger(__name__)
-
-EOD_TOKEN_ID = 50256
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
