@@ -23,6 +23,18 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "obtain and verify the GPT-2 BPE ranks for offline use",
     ),
     "quickstart": ("megatron_qk.quickstart", "the embedded default job, offline on CPU"),
+    "diagnose": (
+        "megatron_qk.diagnostics.diagnose_cli",
+        "mechanism probes, upper Q/K ablation and locality diagnostic on a checkpoint",
+    ),
+    "plot": ("megatron_qk.analysis.plot", "Figure-3-style mechanism panels as PNG"),
+    "compare": ("megatron_qk.analysis.compare", "paired-seed comparison table of runs"),
+    "replay-release": (
+        "megatron_qk.analysis.replay",
+        "replay the maturity release rule on a run's logged lower-copy scores",
+    ),
+    "theory": ("megatron_qk.analysis.theory", "evaluate the paper's theory quantities"),
+    "eval": ("megatron_qk.evaluation.cli", "downstream task suite with lm-evaluation-harness"),
 }
 
 
@@ -30,7 +42,11 @@ def _available_subcommands() -> dict[str, tuple[str, str]]:
     """Return the registered subcommands whose module is importable as a spec (cheap check)."""
     out = {}
     for name, (module, help_text) in SUBCOMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # the parent package is absent
+            found = False
+        if found:
             out[name] = (module, help_text)
     return out
 

@@ -155,3 +155,11 @@ def test_resolved_config_round_trip(tmp_path):
 def test_train_tokens_rounds_up_to_steps():
     cfg = load_config("gpt-270m")
     assert cfg.planned_steps() == -(-2_500_000_000 // 524_288) == 4769
+
+
+def test_exponent_numbers_without_a_dot_are_numbers():
+    """PyYAML reads "1e-2" as a string (YAML 1.1); number fields accept it anyway."""
+    cfg = load_config("tiny", ["optim.lr=1e-2", "training.train_tokens=3e4"])
+    assert cfg.optim.lr == 0.01 and cfg.training.train_tokens == 30000
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config("tiny", ["optim.lr=fast"])

@@ -25,7 +25,9 @@ def test_uniform_attention_statistics():
     query = torch.zeros(s, b, heads, hn)
     key = torch.randn(s, b, heads, hn)
     tokens = torch.tensor([[5, 7, 5, 5, 9, 7]])
-    stats = layer_statistics(query, key, tokens, scale=0.5, chunk_size=4)
+    per_head = layer_statistics(query, key, tokens, scale=0.5, chunk_size=4)
+    assert per_head.shape == (heads, 3, 2)
+    stats = per_head.sum(0)
     copy_sum, copy_count = stats[0].tolist()
     # Repeated positions 2, 3, 5 see 3, 4, 6 keys; two heads each.
     assert copy_count == 3 * heads
@@ -43,7 +45,7 @@ def test_sharp_copy_attention_and_gqa():
     onehot = torch.nn.functional.one_hot(tokens[0], vocab).float()  # [s, vocab]
     key = onehot[:, None, None, :]  # [s, 1, 1 group, vocab]
     query = 50.0 * onehot[:, None, None, :].expand(s, 1, 2, vocab)
-    stats = layer_statistics(query, key, tokens, scale=1.0)
+    stats = layer_statistics(query, key, tokens, scale=1.0).sum(0)
     # Position 2 (token 0) attends to positions 0 and 2 equally (the diagonal counts too):
     # mass 0.5 on the nearest previous occurrence; position 4 (token 1): same with position 1.
     assert stats[0, 1].item() == 2 * 2
@@ -56,7 +58,8 @@ def test_entropy_floor_term_has_finite_gradients():
     query = torch.randn(8, 2, 4, 16, requires_grad=True)
     key = torch.randn(8, 2, 2, 16, requires_grad=True)
     total, count = normalized_entropy_sum(query, key, scale=0.25)
-    reference = layer_statistics(query.detach(), key.detach(), torch.zeros(2, 8).long(), 0.25)
+    tokens = torch.zeros(2, 8).long()
+    reference = layer_statistics(query.detach(), key.detach(), tokens, 0.25).sum(0)
     assert total.item() / count == pytest.approx(reference[1, 0].item() / reference[1, 1].item())
     (total / count).backward()
     assert torch.isfinite(query.grad).all() and torch.isfinite(key.grad).all()
@@ -65,7 +68,7 @@ def test_entropy_floor_term_has_finite_gradients():
 
 def test_capture_sees_post_rope_qk_and_leaves_output_unchanged():
     from megatron_qk.config.loader import load_config
-    from megatron_qk.diagnostics.capture import AttentionRecorder
+    from megatron_qk.diagnostics.recorder import AttentionRecorder
     from megatron_qk.models.builder import build_gpt_model
     from megatron_qk.training.distributed import setup_distributed, teardown_distributed
 
@@ -90,3 +93,60 @@ def test_capture_sees_post_rope_qk_and_leaves_output_unchanged():
         assert all(core.mqk_probe is None for core in recorder.layers)
     finally:
         teardown_distributed()
+
+
+def test_one_hot_attention_has_zero_entropy():
+    """Each query matches only its own key with a huge logit: one-hot rows, entropy 0, and the
+    logit RMS is the hand-computed value."""
+    s, hn = 5, 8
+    basis = torch.eye(hn)[:s]  # orthonormal keys
+    key = basis[:, None, None, :]
+    query = 1000.0 * basis[:, None, None, :]
+    stats = layer_statistics(query, key, torch.arange(s)[None], scale=1.0)[0]
+    assert stats[1, 0].item() / stats[1, 1].item() == pytest.approx(0.0, abs=1e-6)
+    # Causal pairs: s*(s+1)/2; only the s diagonal ones are non-zero (1000 each).
+    assert stats[2, 1].item() == s * (s + 1) / 2
+    assert math.sqrt(stats[2, 0].item() / stats[2, 1].item()) == pytest.approx(
+        1000.0 * math.sqrt(s / (s * (s + 1) / 2))
+    )
+    # No token repeats: no copy positions.
+    assert stats[0, 1].item() == 0
+
+
+def test_per_head_statistics_are_independent_per_head():
+    """Head 0 uniform, head 1 sharp: per-head rows report each head's own pattern."""
+    s, hn = 6, 8
+    basis = torch.eye(hn)[:s]
+    key = basis[:, None, None, :].expand(s, 1, 2, hn).contiguous()
+    query = torch.stack([torch.zeros(s, hn), 1000.0 * basis], dim=1)[:, None]  # [s, 1, 2, hn]
+    stats = layer_statistics(query, key, torch.arange(s)[None], scale=1.0)
+    entropy = stats[:, 1, 0] / stats[:, 1, 1]
+    assert entropy.tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+
+
+def test_bilinear_singular_value_of_a_known_form():
+    from megatron_qk.diagnostics.bilinear import (
+        bilinear_displacement,
+        bilinear_top_singular_value,
+    )
+
+    d = 6
+    e = torch.eye(d)
+    # Head 0: W_q^T W_k = 3 e0 e1^T + 2 e2 e3^T -> singular values 3, 2.
+    wq0 = torch.stack([3 * e[0], 2 * e[2]])
+    wk0 = torch.stack([e[1], e[3]])
+    # Head 1 shares key group 0 (GQA): W_q = 5 e4 (row 0) only -> 5 e4 e1^T, sigma 5.
+    wq1 = torch.stack([5 * e[4], torch.zeros(d)])
+    wq = torch.stack([wq0, wq1])  # [2 heads, hn, d]
+    wk = wk0[None]  # [1 group, hn, d]
+    assert bilinear_top_singular_value(wq, wk).tolist() == pytest.approx([3.0, 5.0])
+    # Against the dense d x d product for random weights.
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 4, 10), torch.randn(3, 4, 10)
+    dense = torch.linalg.matrix_norm(a.transpose(1, 2) @ b, ord=2)
+    torch.testing.assert_close(bilinear_top_singular_value(a, b).float(), dense)
+    # Displacement: ||A^T B - A0^T B0||_2 against the dense difference.
+    a0, b0 = torch.randn(3, 4, 10), torch.randn(3, 4, 10)
+    dense = torch.linalg.matrix_norm(a.transpose(1, 2) @ b - a0.transpose(1, 2) @ b0, ord=2)
+    torch.testing.assert_close(bilinear_displacement(a, b, a0, b0).float(), dense)
+    assert bilinear_displacement(a, b, a, b).abs().max().item() < 1e-9

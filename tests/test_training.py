@@ -185,13 +185,36 @@ def test_two_process_layouts_match_single_process(tmp_path, single_process_ref, 
     keys = {
         "train": ("loss", "mult/upper_qk"),
         "eval": ("val_loss",),
-        "diag": ("lower_copy", "upper_entropy", "upper_logit"),
+        "diag": (
+            "lower_copy",
+            "upper_entropy",
+            "upper_logit",
+            "logit_ratio",
+            "upper_ffn_write_rms",
+            "upper_qk_sigma",
+        ),
         "release": ("step", "reason"),
     }
     for a, b in zip(ref, got):
         for key in keys[a["kind"]]:
             want = a[key] if isinstance(a[key], str) else pytest.approx(a[key], rel=1e-4)
             assert b[key] == want, (key, a, b)
+    # Per-layer and per-head values, with heads under their global index (TP shards them).
+    for a, b in zip(ref, got):
+        if a["kind"] != "diag":
+            continue
+        for layer, want in a["layers"].items():
+            have = b["layers"][layer]
+            assert have["ffn_write_rms"] == pytest.approx(want["ffn_write_rms"], rel=1e-4)
+            assert set(have["heads"]) == set(want["heads"]), layer
+            for stat, values in want["heads"].items():
+                assert have["heads"][stat] == pytest.approx(values, rel=1e-4, abs=1e-7), (
+                    layer,
+                    stat,
+                )
+        assert b["upper_qk_displacement"] == pytest.approx(
+            a["upper_qk_displacement"], rel=1e-4, abs=1e-7
+        )
     releases = [(r["rule"], r["reason"], r["step"]) for r in ref if r["kind"] == "release"]
     assert releases == [("upper_qk", "maturity", 3)]
     # Released after step 3; the ramp (2 steps) starts from the multiplier at the release step.

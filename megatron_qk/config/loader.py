@@ -12,6 +12,7 @@ and line.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -132,9 +133,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
+# PyYAML follows YAML 1.1, where "1e-2" or "3e9" (no dot) are strings; YAML 1.2 and every user
+# read them as numbers, so number fields accept that spelling.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _build(tp: Any, value: Any, path: str) -> Any:
     """Convert a YAML value to ``tp`` strictly, raising ConfigError with ``path``."""
     origin = get_origin(tp)
+    if tp in (int, float) and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        value = float(value)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None:

@@ -15,7 +15,7 @@ Definitions (the paper's, made precise):
 * **logit magnitude**: root mean square of the scaled pre-softmax logits ``q·k * scale`` over
   causal (query, key) pairs.
 
-Each probe returns per-layer *sums and counts* so that ranks holding different heads (TP),
+Each probe returns per-head *sums and counts* so that ranks holding different heads (TP),
 layers (PP) or sequences (DP) combine exactly by an all-reduce.
 """
 
@@ -67,7 +67,7 @@ def layer_statistics(
     scale: float,
     chunk_size: int = 256,
 ) -> torch.Tensor:
-    """Sums and counts of copy mass, normalised entropy and logit RMS for one layer.
+    """Per-head sums and counts of copy mass, normalised entropy and logit RMS for one layer.
 
     Args:
         query: ``[s, b, np, hn]`` post-RoPE queries (this rank's heads).
@@ -77,13 +77,13 @@ def layer_statistics(
         chunk_size: query rows per chunk (bounds memory at ``b*np*chunk*s`` floats).
 
     Returns:
-        float64 ``[3, 2]``: rows :data:`STATS`, columns (sum, count). The logit row sums squared
-        logits (take the square root of the mean).
+        float64 ``[np, 3, 2]``: per head, rows :data:`STATS`, columns (sum, count). The logit
+        row sums squared logits (take the square root of the mean).
     """
     s, _, heads, _ = query.shape
     key = _expand_groups(key, heads)
     prev = previous_occurrence(tokens)  # [b, s]
-    out = torch.zeros(3, 2, dtype=torch.float64, device=query.device)
+    out = torch.zeros(heads, 3, 2, dtype=torch.float64, device=query.device)
     for start in range(0, s, chunk_size):
         rows = slice(start, min(s, start + chunk_size))
         logits = _causal_rows(query, key, scale, rows)  # [b, h, r, s]
@@ -93,20 +93,21 @@ def layer_statistics(
         p = prev[:, rows]  # [b, r]
         valid = p >= 0
         gathered = probs.gather(-1, p.clamp(min=0)[:, None, :, None].expand(-1, heads, -1, 1))
-        mass = gathered.squeeze(-1) * valid[:, None, :]
-        out[0, 0] += mass.sum().double()
-        out[0, 1] += valid.sum().double() * heads
+        mass = gathered.squeeze(-1) * valid[:, None, :]  # [b, h, r]
+        out[:, 0, 0] += mass.sum(dim=(0, 2)).double()
+        out[:, 0, 1] += valid.sum().double()
         # Normalised entropy, rows with at least two keys.
         plogp = torch.where(probs > 0, probs * torch.log(probs), torch.zeros_like(probs))
         ent = -plogp.sum(-1)  # [b, h, r]
         norm = torch.log((r_idx + 1).double()).float()
         use = r_idx >= 1
-        out[1, 0] += (ent[..., use] / norm[use]).sum().double()
-        out[1, 1] += float(ent[..., use].numel())
+        out[:, 1, 0] += (ent[..., use] / norm[use]).sum(dim=(0, 2)).double()
+        out[:, 1, 1] += float(ent.shape[0] * int(use.sum()))
         # Logit RMS over causal pairs.
         finite = torch.isfinite(logits)
-        out[2, 0] += torch.where(finite, logits, torch.zeros_like(logits)).pow(2).sum().double()
-        out[2, 1] += finite.sum().double()
+        squares = torch.where(finite, logits, torch.zeros_like(logits)).pow(2)
+        out[:, 2, 0] += squares.sum(dim=(0, 2, 3)).double()
+        out[:, 2, 1] += finite.sum(dim=(0, 2, 3)).double()
     return out
 
 

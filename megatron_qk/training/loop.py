@@ -20,7 +20,7 @@ import torch
 
 from megatron_qk.config.loader import config_to_dict
 from megatron_qk.config.schema import ConfigError, ExperimentConfig
-from megatron_qk.diagnostics.capture import AttentionRecorder
+from megatron_qk.diagnostics.recorder import AttentionRecorder
 from megatron_qk.optim.release import entropy_floor_penalty
 from megatron_qk.training import checkpoint as ckpt
 from megatron_qk.training.data import build_datasets, micro_batches
@@ -120,6 +120,11 @@ class Trainer:
         annotate_param_roles(model)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
+        # The wrappers below keep these module objects, so the recorder can be built on the bare
+        # model; its initial Q/K snapshot is taken here, in fp32, before any resume or bf16 cast.
+        self.recorder = AttentionRecorder([model], cfg.model.num_layers, cfg.diagnostics.chunk_size)
+        if cfg.diagnostics.enabled:
+            self.recorder.snapshot_initial_qk()
         if self.bf16:
             from megatron.core.transformer.module import Float16Module
 
@@ -150,9 +155,7 @@ class Trainer:
         self.releases: dict[str, dict] = {}
         self.last_eval: dict | None = None
         self.last_diag: dict | None = None
-        self.recorder = AttentionRecorder(
-            self.model_chunks, cfg.model.num_layers, cfg.diagnostics.chunk_size
-        )
+        self.sharp_crossing: dict | None = None
         self._floor_weight = 0.0
         maturity = any(r.release == "maturity" for r in cfg.optim.rules)
         self._diagnostics_needed = (
@@ -306,7 +309,7 @@ class Trainer:
                 step=self.step,
                 consumed_samples=self.consumed_samples,
                 scheduler=self.scheduler.state_dict(),
-                extra={"releases": self.releases},
+                extra={"releases": self.releases, "sharp_crossing": self.sharp_crossing},
             ),
         )
 
@@ -321,6 +324,7 @@ class Trainer:
         self.scheduler.load_state_dict(state.scheduler)
         self.step, self.consumed_samples = state.step, state.consumed_samples
         self.releases = dict(state.extra.get("releases", {}))
+        self.sharp_crossing = state.extra.get("sharp_crossing")
         return True
 
     def _event_records(self, events) -> list[dict]:
@@ -415,6 +419,13 @@ class Trainer:
         sinks.write(record)
         if self.last_diag is not None:
             sinks.write(self.last_diag)
+            crossing = self._sharp_crossing_record(self.last_diag)
+            if crossing is not None:
+                sinks.write(crossing)
+                bar.write(
+                    f"upper entropy {crossing['upper_entropy']:.3f} crossed the sharpness "
+                    f"threshold {crossing['threshold']} at step {crossing['step']}"
+                )
             self.scheduler.observe_evaluation(self.step, self.last_diag["lower_copy"])
             for rec in self._event_records(self.scheduler.pop_events()):
                 sinks.write(rec)
@@ -423,6 +434,20 @@ class Trainer:
             f"step {self.step}/{self.planned_steps}: val_loss {record['val_loss']:.4f} "
             f"ppl {record['val_ppl']:.2f}"
         )
+
+    def _sharp_crossing_record(self, diag: dict) -> dict | None:
+        """The ``event`` line of the first evaluation whose upper entropy is below the threshold."""
+        threshold = self.cfg.diagnostics.sharp_entropy_threshold
+        if self.sharp_crossing is not None or not diag["upper_entropy"] < threshold:
+            return None
+        self.sharp_crossing = {"step": diag["step"], "frac": diag["frac"], "tokens": diag["tokens"]}
+        return {
+            "kind": "event",
+            "event": "sharp_entropy_crossing",
+            **self.sharp_crossing,
+            "upper_entropy": diag["upper_entropy"],
+            "threshold": threshold,
+        }
 
     def _summary(self) -> dict:
         last = self.last_eval or {}
@@ -437,4 +462,5 @@ class Trainer:
             "final_val_loss": last.get("val_loss"),
             "final_val_ppl": last.get("val_ppl"),
             "release": dict(self.releases),
+            "sharp_entropy_crossing": self.sharp_crossing,
         }

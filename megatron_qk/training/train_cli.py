@@ -20,10 +20,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set optim.lr=1e-3 (repeatable)",
+        help="override recipe keys, e.g. --set optim.lr=1e-3 training.seed=2 (repeatable)",
     )
     parser.add_argument(
         "--nproc-per-node",

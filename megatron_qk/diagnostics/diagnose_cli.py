@@ -1,0 +1,220 @@
+"""``megatron-qk diagnose``: the mechanism probes, Q/K ablation and locality on checkpoints.
+
+For each checkpoint: the same probes as the live ``diag`` lines (entropy, logit, copy score, FFN
+writes, Q/K bilinear singular value and its displacement from the run's initialisation, which is
+rebuilt from the recipe's seed), the perplexity increase when upper-half Q, K or both are zeroed
+(:mod:`megatron_qk.diagnostics.ablation`) and the Appendix-I locality diagnostic
+(:mod:`megatron_qk.diagnostics.locality`). Results are merged by step into the output JSON, so
+diagnosing checkpoints one at a time or all at once (``--all-checkpoints``) builds the same file,
+which ``megatron-qk plot`` reads (``RUN_DIR/diagnose.json`` by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT_NAME = "diagnose.json"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the diagnose options."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run directory (newest checkpoint), its checkpoints/ dir, or one iter_XXXXXXX dir",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="PREFIX",
+        help="held-out Megatron indexed dataset prefix (PREFIX.bin/.idx); default: the run's "
+        "own validation data",
+    )
+    parser.add_argument(
+        "--out", default=None, help=f"output JSON (default: RUN_DIR/{DEFAULT_OUT_NAME})"
+    )
+    parser.add_argument(
+        "--all-checkpoints",
+        action="store_true",
+        help="diagnose every checkpoint of the run (for the ablation-over-training panel)",
+    )
+    parser.add_argument("--num-sequences", type=int, default=16, help="held-out sequences")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
+    parser.add_argument(
+        "--locality-rank",
+        type=int,
+        default=None,
+        help="dimension of the estimated immature subspace P (default: the head dimension)",
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=256, help="query rows per attention chunk"
+    )
+
+
+def _indexed_sequences(prefix: str, count: int, seq_length: int, vocab: int) -> torch.Tensor:
+    """The first ``count`` packed sequences of ``seq_length + 1`` tokens of an indexed dataset."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for suffix in (".bin", ".idx"):
+        if not Path(prefix + suffix).exists():
+            raise FileNotFoundError(
+                f"--data {prefix}: {prefix + suffix} does not exist (pass the prefix without "
+                "extension, e.g. corpus_text_document)"
+            )
+    dataset = IndexedDataset(prefix)
+    need = count * (seq_length + 1)
+    pieces, have = [], 0
+    for i in range(len(dataset)):
+        doc = torch.from_numpy(dataset[i].astype("int64"))
+        pieces.append(doc)
+        have += doc.numel()
+        if have >= need:
+            break
+    if have < need:
+        raise ValueError(
+            f"--data {prefix} holds {have} tokens; {count} sequences of {seq_length + 1} need "
+            f"{need} (lower --num-sequences)"
+        )
+    tokens = torch.cat(pieces)[:need].view(count, seq_length + 1)
+    if int(tokens.max()) >= vocab:
+        raise ValueError(
+            f"--data {prefix} has token id {int(tokens.max())} >= the model's vocabulary {vocab}: "
+            "it was tokenized with another tokenizer"
+        )
+    return tokens
+
+
+def heldout_batches(
+    loaded, data_prefix: str | None, num_sequences: int, batch_size: int
+) -> list[dict[str, torch.Tensor]]:
+    """Held-out micro-batches on the model's device."""
+    from megatron_qk.training.data import _collate, build_datasets
+
+    cfg = loaded.cfg
+    seq = cfg.model.seq_length
+    if data_prefix is not None:
+        tokens = _indexed_sequences(data_prefix, num_sequences, seq, cfg.model.vocab_size)
+        samples = [{"tokens": t[:-1], "labels": t[1:]} for t in tokens]
+    else:
+        datasets = build_datasets(cfg, cfg.planned_steps(), str(loaded.run_dir))
+        valid = datasets.valid
+        samples = [valid[i % len(valid)] for i in range(num_sequences)]
+    batches = []
+    for start in range(0, num_sequences, batch_size):
+        batch = _collate(samples[start : start + batch_size])
+        batches.append({k: v.to(loaded.device) for k, v in batch.items()})
+    return batches
+
+
+def diagnose_checkpoint(loaded, batches, locality_rank: int | None, chunk_size: int) -> dict:
+    """Probes, ablation and locality of one loaded checkpoint."""
+    from megatron_qk.diagnostics.ablation import upper_qk_ablation
+    from megatron_qk.diagnostics.locality import locality_diagnostic
+    from megatron_qk.diagnostics.recorder import AttentionRecorder
+    from megatron_qk.training.restore import build_initial_model
+
+    cfg, model = loaded.cfg, loaded.model
+    layers = cfg.model.num_layers
+    recorder = AttentionRecorder([model], layers, chunk_size)
+    initial = build_initial_model(cfg, loaded.device)
+    recorder.snapshot_initial_qk([initial])
+    del initial
+    with torch.no_grad(), recorder.statistics():
+        for batch in batches:
+            recorder.set_tokens(batch["tokens"])
+            model(batch["tokens"], batch["position_ids"], attention_mask=None)
+    probes = recorder.reduce(loaded.device)
+    planned = cfg.planned_steps()
+    return {
+        "checkpoint": str(loaded.checkpoint),
+        "step": loaded.step,
+        "frac": loaded.step / planned,
+        "tokens": loaded.step * cfg.training.global_batch_size * cfg.model.seq_length,
+        "arm": cfg.arm,
+        "seed": cfg.training.seed,
+        "sequences": sum(int(b["tokens"].shape[0]) for b in batches),
+        "probes": probes,
+        "ablation": upper_qk_ablation(model, recorder, batches),
+        "locality": locality_diagnostic(model, batches, layers, locality_rank),
+    }
+
+
+def _checkpoints(path: Path, every: bool) -> list[Path]:
+    from megatron_qk.training.restore import resolve_checkpoint
+
+    ckpt, run_dir = resolve_checkpoint(path)
+    if not every:
+        return [ckpt]
+    found = sorted(
+        p
+        for p in (run_dir / "checkpoints").glob("iter_*")
+        if p.is_dir() and not p.name.endswith(".tmp") and (p / "train_state.pt").exists()
+    )
+    return found
+
+
+def merge_results(out: Path, run_dir: Path, results: list[dict]) -> dict:
+    """Merge ``results`` into ``out`` by step (a rerun of a step replaces it); write atomically."""
+    data = {"run_dir": str(run_dir), "results": []}
+    if out.exists():
+        try:
+            data = json.loads(out.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{out} exists but is not JSON ({exc}); move it away") from None
+    by_step = {r["step"]: r for r in data.get("results", [])}
+    by_step.update({r["step"]: r for r in results})
+    data["run_dir"] = str(run_dir)
+    data["results"] = [by_step[s] for s in sorted(by_step)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    """Diagnose one or all checkpoints and merge the results into the output JSON."""
+    from tqdm import tqdm
+
+    from megatron_qk.training.distributed import teardown_distributed
+    from megatron_qk.training.restore import load_checkpoint_for_analysis, resolve_checkpoint
+
+    if args.num_sequences < 1 or args.batch_size < 1:
+        raise SystemExit("megatron-qk diagnose: --num-sequences and --batch-size must be >= 1")
+    try:
+        _, run_dir = resolve_checkpoint(args.checkpoint)
+        checkpoints = _checkpoints(Path(args.checkpoint), args.all_checkpoints)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"megatron-qk diagnose: {exc}") from None
+    out = Path(args.out) if args.out else run_dir / DEFAULT_OUT_NAME
+    results = []
+    try:
+        for ckpt in tqdm(checkpoints, desc="diagnose", unit="ckpt", disable=len(checkpoints) < 2):
+            loaded = load_checkpoint_for_analysis(ckpt)
+            try:
+                batches = heldout_batches(loaded, args.data, args.num_sequences, args.batch_size)
+            except (FileNotFoundError, ValueError) as exc:
+                raise SystemExit(f"megatron-qk diagnose: {exc}") from None
+            result = diagnose_checkpoint(loaded, batches, args.locality_rank, args.chunk_size)
+            results.append(result)
+            merge_results(out, run_dir, [result])  # keep what is done if interrupted
+            p, a, loc = result["probes"], result["ablation"], result["locality"]
+            print(
+                f"step {result['step']}: upper entropy {p['upper_entropy']:.3f}, upper logit "
+                f"{p['upper_logit']:.3f}, lower copy {p['lower_copy']:.4f}, ppl "
+                f"{a['base_ppl']:.2f} (+{a['qk']['ppl_increase']:.2f} with upper Q/K zeroed), "
+                f"lambda_Q {loc['lambda_q']:.3f} lambda_K {loc['lambda_k']:.3f} "
+                f"R_P/|X|^2 {loc['rp_fraction']:.3f}"
+            )
+    finally:
+        teardown_distributed()
+    print(f"wrote {out} ({len(results)} checkpoint(s))")
+    return 0

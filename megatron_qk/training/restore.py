@@ -1,0 +1,122 @@
+"""Load a trained model from a checkpoint for analysis in one process (diagnose, eval).
+
+Checkpoints are Megatron distributed checkpoints, so a run trained with any TP/PP/DP layout
+loads here into a single unsharded ``GPTModel`` (TP = PP = 1). The recipe comes from the run
+directory's ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_qk.config.loader import load_resolved_config
+from megatron_qk.config.schema import ExperimentConfig
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model restored from a checkpoint, with the recipe that trained it."""
+
+    cfg: ExperimentConfig  # the run's recipe, layout reset to one process
+    model: torch.nn.Module  # bare GPTModel in eval mode
+    step: int
+    checkpoint: Path
+    run_dir: Path
+    device: torch.device
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """Find the checkpoint directory and its run directory.
+
+    Args:
+        path: a run directory (its newest checkpoint is used), its ``checkpoints/`` directory,
+            or one ``iter_XXXXXXX`` checkpoint directory.
+
+    Returns:
+        ``(checkpoint_dir, run_dir)``.
+
+    Raises:
+        FileNotFoundError: naming what is missing.
+    """
+    from megatron_qk.training.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if (path / "train_state.pt").exists():
+        ckpt = path
+    else:
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        ckpt = latest_checkpoint(root)
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"{path} is neither a checkpoint (no train_state.pt) nor a run directory with "
+                f"a complete checkpoint ({root}/latest is missing)"
+            )
+    run_dir = ckpt.parent.parent
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(
+            f"{run_dir / 'config.yaml'} is missing: a checkpoint is read with the recipe of its "
+            "run directory (<run>/checkpoints/iter_XXXXXXX)"
+        )
+    return ckpt, run_dir
+
+
+def single_process_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The same recipe laid out on one process (TP = PP = 1, no sequence parallelism)."""
+    return dataclasses.replace(
+        cfg,
+        parallel=dataclasses.replace(
+            cfg.parallel,
+            tensor_model_parallel_size=1,
+            pipeline_model_parallel_size=1,
+            sequence_parallel=False,
+        ),
+    )
+
+
+def ensure_single_process(cfg: ExperimentConfig) -> None:
+    """Start a one-process group and Megatron state unless one with TP = PP = 1 is running."""
+    from megatron_qk.training.distributed import setup_distributed
+
+    if not torch.distributed.is_initialized():
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+            os.environ.pop(key, None)
+    setup_distributed(cfg)
+
+
+def build_initial_model(cfg: ExperimentConfig, device: torch.device) -> torch.nn.Module:
+    """The run's model at initialisation (per-layer seeds make it layout-independent)."""
+    from megatron_qk.models.builder import build_gpt_model, transformer_config_from
+
+    config = transformer_config_from(cfg)
+    model = build_gpt_model(cfg, config=config, init_seed=cfg.training.seed)
+    return model.to(device).eval()
+
+
+def load_checkpoint_for_analysis(
+    path: str | Path, device: torch.device | None = None
+) -> LoadedCheckpoint:
+    """Restore a checkpoint's weights into a one-process fp32 model.
+
+    Args:
+        path: see :func:`resolve_checkpoint`.
+        device: where to put the model (default: CUDA when available, else CPU).
+    """
+    from megatron_qk.models.params import annotate_param_roles
+    from megatron_qk.training.checkpoint import load_checkpoint
+
+    ckpt, run_dir = resolve_checkpoint(path)
+    cfg = single_process_config(load_resolved_config(run_dir / "config.yaml"))
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ensure_single_process(cfg)
+    model = build_initial_model(cfg, device)
+    annotate_param_roles(model)
+    state = load_checkpoint(ckpt, [model], optimizer=None, restore_rng=False)
+    return LoadedCheckpoint(cfg, model.eval(), state.step, ckpt, run_dir, device)
