@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-# name -> (module path, one-line help). Only subcommands that exist are listed.
+# name -> (module path, one-line help).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megatron_qk.training.train_cli", "train a model from a YAML recipe"),
     "preprocess": (
@@ -38,38 +38,34 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _available_subcommands() -> dict[str, tuple[str, str]]:
-    """Return the registered subcommands whose module is importable as a spec (cheap check)."""
-    out = {}
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:  # the parent package is absent
-            found = False
-        if found:
-            out[name] = (module, help_text)
-    return out
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the top-level parser with one sub-parser per subcommand.
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """Build the top-level parser with one sub-parser per subcommand."""
+    Args:
+        only: configure only this subcommand's options; the others are listed with their help
+            but their modules (some import megatron-core, seconds) are not imported. None
+            configures every subcommand (for tools that inspect the whole parser).
+    """
     parser = argparse.ArgumentParser(
         prog="megatron-qk",
         description="Megatron-Core pretraining with upper-layer Q/K learning-rate timing.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, (module, help_text) in _available_subcommands().items():
+    for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).configure_parser(p)
+        if only is None or name == only:
+            importlib.import_module(module).configure_parser(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``megatron-qk`` console script."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), "")
+    # Unknown or missing command: configure nothing, argparse reports the choices.
+    parser = build_parser(only=command)
     args = parser.parse_args(argv)
     return int(importlib.import_module(args._module).run(args) or 0)
 

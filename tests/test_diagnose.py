@@ -278,3 +278,24 @@ def test_diagnose_and_plot_end_to_end(trained_run, tmp_path):
         image = imread(tmp_path / "plots" / file)
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
         assert image[..., :3].std() > 0.01  # not a blank canvas
+
+
+def test_diag_lines_reach_tensorboard(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained_run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = (
+        "diag/upper_entropy",
+        "diag/lower_copy",
+        "diag/logit_ratio",
+        "diag/upper_qk_sigma",
+        "diag/upper_qk_displacement",
+        "diag/first_upper_ffn_write_rms",
+        "diag/L3/qk_sigma",
+        "diag/L1/ffn_write_rms",
+    )
+    assert set(expected) <= tags, set(expected) - tags
+    steps = [e.step for e in events.Scalars("diag/upper_entropy")]
+    assert steps == [0, 3, 6, 9, 12]
