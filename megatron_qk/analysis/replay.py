@@ -1,0 +1,421 @@
+"""``megatron-qk replay-release``: replay the maturity release rule on logged lower-copy scores.
+
+The replay drives the trainer's own state machine,
+:class:`~megatron_qk.optim.release.ReleaseController`, in the trainer's order:
+
+1. ``on_step(0, 0.0)`` (the scheduler's constructor calls ``step(0)``);
+2. ``observe`` of the step-0 evaluation, when one was logged;
+3. for every step ``s = 1 .. end``: ``on_step(s, s / planned)`` (``scheduler.step`` after each
+   optimizer step), then ``observe(s, s / planned, lower_copy)`` when an evaluation (a ``diag``
+   line) was logged after step ``s``.
+
+``end`` is the last step the metrics file reaches (capped at the planned steps): for a finished
+run every step ``1 .. planned_steps``; for an unfinished one the replay stops where the log does
+instead of inventing a forced release the run has not reached yet. With the run's own settings
+the replayed release is therefore the one training made (the ``release`` lines), which the
+command checks; other settings give the paper's offline replay (Table 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from megatron_qk.optim.release import ENTROPY_FLOOR_NAME, ReleaseController, ReleaseEvent
+
+PAPER_DEFAULTS = {"threshold": 0.005, "patience": 3, "min_frac": 0.03, "max_frac": 0.12}
+DEFAULT_RULE = "upper_qk"
+# The paper's Table 8 variants, each changing one setting of the main rule. They are relative
+# so that they stay "nearby" for any main rule; for the paper's rule (0.005 / 3 / 3-12%) they
+# are exactly Table 8's rows: threshold 0.003 and 0.007, patience 1 and 5, window 3-8%.
+TABLE8_VARIANTS = (
+    ("Lower threshold", lambda s: {"threshold": round(s.threshold * 0.6, 12)}),
+    ("Higher threshold", lambda s: {"threshold": round(s.threshold * 1.4, 12)}),
+    ("No patience", lambda s: {"patience": 1}),
+    ("Stricter patience", lambda s: {"patience": s.patience + 2}),
+    ("Shorter forced window", lambda s: {"max_frac": round(s.max_frac * 2 / 3, 12)}),
+)
+
+
+class ReplayError(ValueError):
+    """The metrics file (or its run's config) cannot be replayed; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ReleaseSettings:
+    """The maturity rule's parameters (see :class:`ReleaseController`)."""
+
+    threshold: float = PAPER_DEFAULTS["threshold"]
+    patience: int = PAPER_DEFAULTS["patience"]
+    min_frac: float = PAPER_DEFAULTS["min_frac"]
+    max_frac: float = PAPER_DEFAULTS["max_frac"]
+
+
+@dataclass
+class RunLog:
+    """What the replay reads from a metrics file (and the run's config next to it).
+
+    Attributes:
+        scores: ``(step, lower_copy)`` of every ``diag`` line, in file order (NaN for null).
+        releases: the logged ``release`` lines by rule name.
+        last_step: the largest step of any line.
+        planned_steps: planned optimizer steps.
+        rule_settings: maturity settings of every rule the run's config defines by name
+            (multiplier rules with ``release: maturity`` and an enabled entropy floor).
+        default_rule: the first maturity rule of the config, or None.
+        config_path: the config.yaml used, or None.
+    """
+
+    scores: list[tuple[int, float]]
+    releases: dict[str, dict]
+    last_step: int
+    planned_steps: int
+    rule_settings: dict[str, ReleaseSettings]
+    default_rule: str | None
+    config_path: str | None
+
+
+# ------------------------------------------------------------------------------------------
+# The replay (pure)
+# ------------------------------------------------------------------------------------------
+def replay_release(
+    scores: Sequence[tuple[int, float]],
+    planned_steps: int,
+    settings: ReleaseSettings,
+    end_step: int | None = None,
+    name: str = DEFAULT_RULE,
+) -> ReleaseEvent | None:
+    """Replay the maturity rule over steps ``0 .. end_step`` in the trainer's order.
+
+    Args:
+        scores: ``(step, lower_copy)`` of the evaluations (NaN: no valid position).
+        planned_steps: the run's planned optimizer steps (fractions are ``step / planned``).
+        settings: threshold, patience and window.
+        end_step: last completed step to replay (default ``planned_steps``).
+        name: rule name put in the event.
+
+    Returns:
+        The release event, or None when neither maturity nor the forced release happened by
+        ``end_step``.
+    """
+    end = planned_steps if end_step is None else min(int(end_step), planned_steps)
+    ctl = ReleaseController(
+        name=name,
+        policy="maturity",
+        planned_steps=planned_steps,
+        hold_value=1.0,
+        threshold=settings.threshold,
+        patience=settings.patience,
+        min_frac=settings.min_frac,
+        max_frac=settings.max_frac,
+    )
+    at_step: dict[int, list[float]] = {}
+    for step, score in scores:
+        at_step.setdefault(int(step), []).append(float(score))
+    for step in range(0, end + 1):
+        frac = step / planned_steps
+        event = ctl.on_step(step, frac)
+        if event is not None:
+            return event
+        for score in at_step.get(step, ()):
+            event = ctl.observe(step, frac, score)
+            if event is not None:
+                return event
+    return None
+
+
+def first_crossing(
+    scores: Sequence[tuple[int, float]], threshold: float
+) -> tuple[int, float] | None:
+    """First ``(step, score)`` with ``score >= threshold`` (the paper's maturity *event*)."""
+    for step, score in scores:
+        if not math.isnan(score) and score >= threshold:
+            return int(step), float(score)
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# Reading a run
+# ------------------------------------------------------------------------------------------
+def _planned_from_lines(records: list[dict], path: Path) -> int | None:
+    planned = set()
+    for rec in records:
+        frac, step = rec.get("frac"), rec.get("step")
+        if isinstance(frac, int | float) and frac > 0 and isinstance(step, int):
+            planned.add(round(step / frac))
+    if len(planned) > 1:
+        raise ReplayError(f"{path}: inconsistent step/frac (planned steps {sorted(planned)})")
+    return planned.pop() if planned else None
+
+
+def _config_rules(config_path: Path) -> tuple[int, dict[str, ReleaseSettings], str | None]:
+    from megatron_qk.config.loader import load_resolved_config
+
+    try:
+        cfg = load_resolved_config(config_path)
+    except ValueError as exc:
+        raise ReplayError(f"{config_path}: {exc}") from None
+    rules: dict[str, ReleaseSettings] = {}
+    default = None
+    for rule in cfg.optim.rules:
+        if rule.release == "maturity":
+            rules[rule.name] = ReleaseSettings(
+                rule.threshold, rule.patience, rule.min_frac, rule.max_frac
+            )
+            default = default or rule.name
+    floor = cfg.optim.entropy_floor
+    if floor.enabled:
+        rules[ENTROPY_FLOOR_NAME] = ReleaseSettings(
+            floor.threshold, floor.patience, floor.min_frac, floor.max_frac
+        )
+        default = default or ENTROPY_FLOOR_NAME
+    return cfg.planned_steps(), rules, default
+
+
+def read_run_log(path: str | Path) -> RunLog:
+    """Read a metrics.jsonl (or a run directory) and the config.yaml beside it, if any.
+
+    Raises:
+        ReplayError: for a missing or malformed file, no ``diag`` lines, or planned steps that
+            cannot be determined or disagree with the config.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise ReplayError(f"{path}: no such metrics file")
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ReplayError(f"{path}:{lineno}: invalid JSON line") from None
+    scores = []
+    for rec in records:
+        if rec.get("kind") == "diag":
+            if "lower_copy" not in rec:
+                raise ReplayError(f"{path}: diag line at step {rec.get('step')} has no lower_copy")
+            value = rec["lower_copy"]
+            scores.append((int(rec["step"]), math.nan if value is None else float(value)))
+    if not scores:
+        raise ReplayError(f"{path}: no diag lines with lower_copy scores to replay")
+    releases = {r["rule"]: r for r in records if r.get("kind") == "release"}
+    from_lines = _planned_from_lines(records, path)
+    config_path = path.parent / "config.yaml"
+    rules: dict[str, ReleaseSettings] = {}
+    default = None
+    if config_path.is_file():
+        planned, rules, default = _config_rules(config_path)
+        if from_lines is not None and from_lines != planned:
+            raise ReplayError(
+                f"{path}: the lines imply {from_lines} planned steps but {config_path} plans "
+                f"{planned}"
+            )
+    elif from_lines is not None:
+        planned, config_path = from_lines, None
+    else:
+        raise ReplayError(f"{path}: no config.yaml beside it and no line with frac > 0")
+    last = max(int(r.get("step", 0)) for r in records)
+    return RunLog(
+        scores=scores,
+        releases=releases,
+        last_step=last,
+        planned_steps=planned,
+        rule_settings=rules,
+        default_rule=default,
+        config_path=None if config_path is None else str(config_path),
+    )
+
+
+def resolve_settings(
+    log: RunLog, rule: str | None, overrides: dict[str, float | int | None]
+) -> tuple[str, ReleaseSettings, bool]:
+    """The rule name and settings to replay: flags over the run's rule over the paper's defaults.
+
+    Returns:
+        ``(rule name, settings, same_as_run)``; ``same_as_run`` is True when the settings are the
+        run's own for that rule (so the replay must reproduce its logged release).
+
+    Raises:
+        ReplayError: when ``rule`` is given but the run's config has no maturity rule of that name.
+    """
+    if rule is not None and log.config_path is not None and rule not in log.rule_settings:
+        raise ReplayError(
+            f"{log.config_path}: no maturity rule {rule!r} (maturity rules: "
+            f"{sorted(log.rule_settings)})"
+        )
+    name = rule or log.default_rule or DEFAULT_RULE
+    run_settings = log.rule_settings.get(name)
+    base = run_settings or ReleaseSettings()
+    settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    return name, settings, run_settings is not None and settings == run_settings
+
+
+def _settings_source(same: bool, in_run: bool, overrides: dict) -> str:
+    if same:
+        return "the run's config"
+    if in_run:
+        return "the run's config with flag overrides"
+    if any(v is not None for v in overrides.values()):
+        return "flags over the paper's defaults"
+    return "the paper's defaults"
+
+
+def replay_run(
+    path: str | Path,
+    rule: str | None = None,
+    overrides: dict[str, float | int | None] | None = None,
+    variants: bool = False,
+) -> dict:
+    """Replay a run's release (and optionally the Table 8 variants) as plain data.
+
+    Returns:
+        ``{"metrics", "rule", "planned_steps", "replayed_through_step", "settings",
+        "settings_from", "replayed", "logged", "agrees", "first_crossing", "variants"}``.
+        ``agrees`` is None when the settings are not the run's own (no agreement expected).
+    """
+    log = read_run_log(path)
+    name, settings, same = resolve_settings(log, rule, overrides or {})
+    end = min(log.last_step, log.planned_steps)
+
+    def one(s: ReleaseSettings) -> dict | None:
+        event = replay_release(log.scores, log.planned_steps, s, end, name)
+        return None if event is None else event.to_dict()
+
+    replayed = one(settings)
+    logged = log.releases.get(name)
+    logged_out = None
+    if logged is not None:
+        logged_out = {k: logged[k] for k in ("rule", "reason", "step", "frac")}
+    agrees = None
+    if same:
+        agrees = (replayed is None and logged is None) or (
+            replayed is not None
+            and logged is not None
+            and (replayed["step"], replayed["reason"]) == (logged["step"], logged["reason"])
+        )
+    crossing = first_crossing(log.scores, settings.threshold)
+    out = {
+        "metrics": str(path),
+        "rule": name,
+        "planned_steps": log.planned_steps,
+        "replayed_through_step": end,
+        "settings": asdict(settings),
+        "settings_from": _settings_source(same, name in log.rule_settings, overrides or {}),
+        "replayed": replayed,
+        "logged": logged_out,
+        "agrees": agrees,
+        "first_crossing": (
+            None
+            if crossing is None
+            else {"step": crossing[0], "frac": crossing[0] / log.planned_steps}
+        ),
+        "variants": [],
+    }
+    if variants:
+        rows = [("Main rule", settings)]
+        rows += [
+            (label, replace(settings, **change(settings))) for label, change in TABLE8_VARIANTS
+        ]
+        for label, s in rows:
+            row = {"label": label, "settings": asdict(s), "replayed": None, "invalid": None}
+            try:
+                row["replayed"] = one(s)
+            except ValueError as exc:  # e.g. the shorter window ends before this run's min_frac
+                row["invalid"] = str(exc)
+            out["variants"].append(row)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Formatting and CLI
+# ------------------------------------------------------------------------------------------
+def _release_text(event: dict | None, end: int, planned: int) -> str:
+    if event is None:
+        return f"no release through step {end} of {planned}"
+    return f"step {event['step']} ({100 * event['frac']:.2f}%, {event['reason']})"
+
+
+def format_report(result: dict) -> str:
+    """Human-readable replay report (Table 8 style)."""
+    s, end, planned = result["settings"], result["replayed_through_step"], result["planned_steps"]
+    lines = [
+        f"rule {result['rule']}: threshold {s['threshold']}, patience {s['patience']}, window "
+        f"{100 * s['min_frac']:g}-{100 * s['max_frac']:g}% (settings from "
+        f"{result['settings_from']}), {planned} planned steps, replayed through step {end}",
+        f"replayed release: {_release_text(result['replayed'], end, planned)}",
+    ]
+    crossing = result["first_crossing"]
+    if crossing is not None:
+        lines.append(
+            f"first threshold crossing: step {crossing['step']} ({100 * crossing['frac']:.2f}%)"
+        )
+    if result["logged"] is not None:
+        lines.append(f"logged release:   {_release_text(result['logged'], end, planned)}")
+    if result["agrees"] is not None:
+        lines.append(f"agrees with the run's own release: {'yes' if result['agrees'] else 'NO'}")
+    elif result["logged"] is not None:
+        lines.append("(settings differ from the run's, so the releases need not agree)")
+    if result["variants"]:
+        lines += [
+            "",
+            "| Rule | Threshold | Patience | Release window | Release checkpoint |",
+            "|---|---:|---:|---|---:|",
+        ]
+        for row in result["variants"]:
+            vs, ev = row["settings"], row["replayed"]
+            if row["invalid"] is not None:
+                point = "invalid: " + row["invalid"]
+            elif ev is None:
+                point = "no release"
+            else:
+                point = f"{100 * ev['frac']:.2f}% (step {ev['step']}, {ev['reason']})"
+            lines.append(
+                f"| {row['label']} | {vs['threshold']:g} | {vs['patience']} | "
+                f"{100 * vs['min_frac']:g}–{100 * vs['max_frac']:g}% | {point} |"
+            )
+    return "\n".join(lines)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the replay-release options."""
+    parser.add_argument("metrics", metavar="METRICS.jsonl", help="a run's metrics.jsonl (or dir)")
+    parser.add_argument("--threshold", type=float, help="lower-copy threshold")
+    parser.add_argument("--patience", type=int, help="consecutive in-window evaluations")
+    parser.add_argument("--min-frac", type=float, help="evaluations before this do not count")
+    parser.add_argument("--max-frac", type=float, help="forced release at this fraction")
+    parser.add_argument(
+        "--rule", help="rule of the run's config to replay (default: its first maturity rule)"
+    )
+    parser.add_argument(
+        "--variants", action="store_true", help="also replay the paper's Table 8 variants"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.epilog = (
+        "Settings not given come from the first maturity rule in the config.yaml beside the "
+        "metrics file, else the paper's 0.005 / 3 / 0.03 / 0.12."
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Replay and print; exit 2 on invalid input, 1 when the replay disagrees with the run."""
+    overrides = {
+        "threshold": args.threshold,
+        "patience": args.patience,
+        "min_frac": args.min_frac,
+        "max_frac": args.max_frac,
+    }
+    try:
+        result = replay_run(args.metrics, args.rule, overrides, args.variants)
+    except ValueError as exc:  # ReplayError, or an invalid setting refused by the controller
+        print(f"megatron-qk replay-release: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 1 if result["agrees"] is False else 0

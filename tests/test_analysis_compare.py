@@ -1,0 +1,259 @@
+"""``megatron-qk compare``: paired statistics, token saving and input errors on built run dirs."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from megatron_qk.analysis import compare
+from megatron_qk.analysis.compare import CompareError, load_and_compare, tokens_to_target
+from megatron_qk.cli import main
+from megatron_qk.config.loader import dump_config, load_config
+
+STEPS, EVAL_EVERY = 8, 2
+TOKENS_PER_STEP = 8 * 64  # tiny: global batch 8 x seq 64
+BUDGET = STEPS * TOKENS_PER_STEP  # 4096
+EVAL_TOKENS = [s * TOKENS_PER_STEP for s in range(0, STEPS + 1, EVAL_EVERY)]  # 0, 1024, ...
+RULE = "optim.rules=[{name: upper_qk}]"
+
+# Eval curves (val_loss at tokens 0, 1024, 2048, 3072, 4096) per seed.
+CONTROL = {
+    1: [6.0, 4.0, 3.5, 3.2, 3.0],
+    2: [6.0, 4.1, 3.6, 3.3, 3.1],
+    3: [6.0, 4.0, 3.4, 3.1, 2.9],
+}
+INTERVENTION = {
+    1: [6.0, 3.9, 3.3, 2.9, 2.8],  # reaches 3.0 between 2048 (3.3) and 3072 (2.9)
+    2: [6.0, 4.0, 3.1, 3.0, 2.9],  # reaches 3.1 exactly at 2048
+    3: [6.0, 3.8, 3.0, 2.95, 2.85],  # reaches 2.9 between 3072 (2.95) and 4096 (2.85)
+}
+
+
+def make_run(
+    root: Path,
+    arm: str,
+    seed: int,
+    losses: list[float],
+    *overrides: str,
+    finished: bool = True,
+    summary: bool = True,
+    name: str | None = None,
+) -> Path:
+    """A run directory as training writes it (config.yaml, metrics.jsonl, summary.json)."""
+    run_dir = root / (name or f"{arm}-s{seed}")
+    run_dir.mkdir(parents=True)
+    cfg = load_config(
+        "tiny",
+        [
+            f"arm={arm}",
+            f"training.seed={seed}",
+            f"training.output_dir={run_dir}",
+            f"training.train_steps={STEPS}",
+            f"training.eval_interval={EVAL_EVERY}",
+            *overrides,
+        ],
+    )
+    (run_dir / "config.yaml").write_text(dump_config(cfg, extra={"git_sha": "x"}))
+    lines = []
+    for tokens, loss in zip(EVAL_TOKENS, losses):
+        step = tokens // TOKENS_PER_STEP
+        for s in range(max(1, step - EVAL_EVERY + 1), step + 1):
+            lines.append(
+                {
+                    "kind": "train",
+                    "step": s,
+                    "tokens": s * TOKENS_PER_STEP,
+                    "frac": s / STEPS,
+                    "loss": loss + 0.1,
+                }
+            )
+        lines.append(
+            {
+                "kind": "eval",
+                "step": step,
+                "tokens": tokens,
+                "frac": step / STEPS,
+                "val_loss": loss,
+                "val_ppl": math.exp(loss),
+            }
+        )
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if summary:
+        steps = STEPS if finished else STEPS // 2
+        data = {
+            "name": "tiny",
+            "arm": arm,
+            "seed": seed,
+            "steps": steps,
+            "planned_steps": STEPS,
+            "finished": finished,
+            "tokens": steps * TOKENS_PER_STEP,
+            "final_val_loss": losses[-1],
+            "final_val_ppl": math.exp(losses[-1]),
+            "release": {},
+        }
+        (run_dir / "summary.json").write_text(json.dumps(data))
+    return run_dir
+
+
+def sample_sd(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+@pytest.fixture
+def paired(tmp_path):
+    root = tmp_path / "runs"
+    for seed in (1, 2, 3):
+        make_run(root, "control", seed, CONTROL[seed])
+        # logging/name/rules differ on purpose: they are not part of the comparison contract.
+        make_run(
+            root,
+            "intervention",
+            seed,
+            INTERVENTION[seed],
+            RULE,
+            "name=other",
+            "logging.tensorboard=false",
+        )
+    return root
+
+
+def test_interpolation_and_not_reached():
+    curve = [(0, 6.0), (1024, 4.0), (2048, 3.5)]
+    assert tokens_to_target(curve, 3.75) == pytest.approx(1536.0)
+    assert tokens_to_target(curve, 4.0) == 1024.0  # exactly reached at an eval point
+    assert tokens_to_target(curve, 7.0) == 0.0  # already reached at the first point
+    assert tokens_to_target(curve, 3.4) is None
+    # The first crossing counts, even if the curve rises again afterwards; NaN points are skipped.
+    bumpy = [(0, 6.0), (100, math.nan), (200, 4.0), (300, 5.0), (400, 3.0)]
+    assert tokens_to_target(bumpy, 4.5) == pytest.approx(0 + (6.0 - 4.5) / 2.0 * 200)
+
+
+def test_paired_table_matches_hand_computation(paired, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "EVAL_TABLE_MODULE", "megatron_qk_no_such_module")
+    out_json = tmp_path / "cmp.json"
+    assert main(["compare", str(paired), "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["seeds"] == [1, 2, 3]
+    ctl, itv = result["arms"]["control"], result["arms"]["intervention"]
+    # Final losses: control 3.0, 3.1, 2.9; intervention 2.8, 2.9, 2.85.
+    assert ctl["final_val_loss"]["mean"] == pytest.approx(3.0)
+    assert ctl["final_val_loss"]["sd"] == pytest.approx(0.1)
+    assert itv["final_val_loss"]["mean"] == pytest.approx(2.85)
+    assert itv["final_val_loss"]["sd"] == pytest.approx(0.05)
+    ppl_c = [math.exp(x) for x in (3.0, 3.1, 2.9)]
+    ppl_i = [math.exp(x) for x in (2.8, 2.9, 2.85)]
+    assert itv["final_val_ppl"]["mean"] == pytest.approx(sum(ppl_i) / 3)
+    assert itv["final_val_ppl"]["sd"] == pytest.approx(sample_sd(ppl_i))
+    diff = result["differences"]["intervention"]
+    # Paired loss differences -0.2, -0.2, -0.05.
+    assert diff["final_val_loss"]["mean"] == pytest.approx(-0.15)
+    assert diff["final_val_loss"]["sd"] == pytest.approx(math.sqrt(0.0075))
+    d_ppl = [b - a for a, b in zip(ppl_c, ppl_i)]
+    assert diff["final_val_ppl"]["mean"] == pytest.approx(sum(d_ppl) / 3)
+    assert diff["final_val_ppl"]["sd"] == pytest.approx(sample_sd(d_ppl))
+    # Tokens to the paired control's final loss:
+    # s1: 2048 + (3.3 - 3.0) / (3.3 - 2.9) * 1024 = 2816; s2: 2048; s3: 3072 + 0.5 * 1024 = 3584.
+    pairs = {p["seed"]: p for p in result["pairs"]}
+    assert [pairs[s]["tokens_to_target"] for s in (1, 2, 3)] == pytest.approx([2816, 2048, 3584])
+    assert [pairs[s]["saving_tokens"] for s in (1, 2, 3)] == pytest.approx([1280, 2048, 512])
+    assert [pairs[s]["saving_percent"] for s in (1, 2, 3)] == pytest.approx([31.25, 50.0, 12.5])
+    assert itv["tokens_to_target"]["mean"] == pytest.approx(2816)
+    assert itv["tokens_to_target"]["sd"] == pytest.approx(768)
+    assert itv["token_saving"]["tokens"]["mean"] == pytest.approx(1280)
+    assert itv["token_saving"]["percent"]["mean"] == pytest.approx(31.25)
+    assert itv["token_saving"]["percent"]["sd"] == pytest.approx(18.75)
+    assert diff["tokens_to_target"]["mean"] == pytest.approx(-1280)
+    assert ctl["tokens_to_target"]["mean"] == BUDGET
+    table = capsys.readouterr().out
+    assert "| control | 3.0000 ± 0.1000 |" in table
+    assert "| intervention | 2.8500 ± 0.0500 |" in table
+    assert "| 2,816 ± 768 | 1,280 / 31.25 ± 18.75% |" in table
+    assert "| Difference (intervention − control) | -0.1500 ± 0.0866 |" in table
+
+
+def test_single_seed_sd_is_na_and_not_reached(tmp_path):
+    make_run(tmp_path, "control", 7, CONTROL[1])
+    make_run(tmp_path, "slow", 7, [6.0, 4.5, 3.9, 3.5, 3.3], "optim.lr_multiplier=0.5")
+    result = load_and_compare([tmp_path / "control-s7", tmp_path / "slow-s7"])
+    assert result["arms"]["slow"]["final_val_loss"]["sd"] is None
+    assert result["arms"]["slow"]["tokens_to_target"] is None
+    assert result["pairs"][0]["tokens_to_target"] is None
+    table = compare.format_table(result)
+    assert "3.3000 ± n/a" in table and "not reached (1/1 seeds)" in table
+    assert "| 7 | slow | 3.0000 | +0.3000 |" in table
+
+
+def test_unpaired_seed_is_refused(tmp_path):
+    make_run(tmp_path, "control", 1, CONTROL[1])
+    make_run(tmp_path, "control", 2, CONTROL[2])
+    make_run(tmp_path, "intervention", 1, INTERVENTION[1], RULE)
+    with pytest.raises(CompareError, match=r"control-s2.*seed 2 .*unpaired"):
+        load_and_compare([tmp_path])
+
+
+def test_mismatched_configs_name_the_keys(tmp_path):
+    make_run(tmp_path, "control", 1, CONTROL[1])
+    make_run(
+        tmp_path, "intervention", 1, INTERVENTION[1], RULE, "model.hidden_size=128", "optim.lr=1e-3"
+    )
+    with pytest.raises(CompareError, match=r"intervention-s1.*model\.hidden_size.*optim\.lr"):
+        load_and_compare([tmp_path])
+
+
+@pytest.mark.parametrize("kind", ["no-summary", "not-finished"])
+def test_unfinished_run_is_refused(tmp_path, kind):
+    make_run(tmp_path, "control", 1, CONTROL[1])
+    make_run(
+        tmp_path,
+        "intervention",
+        1,
+        INTERVENTION[1],
+        RULE,
+        summary=kind != "no-summary",
+        finished=False,
+    )
+    with pytest.raises(CompareError, match=r"intervention-s1.*did not finish"):
+        load_and_compare([tmp_path])
+
+
+def test_duplicate_arm_and_seed_is_refused(tmp_path, capsys):
+    make_run(tmp_path, "control", 1, CONTROL[1])
+    make_run(tmp_path, "intervention", 1, INTERVENTION[1], RULE)
+    make_run(tmp_path, "intervention", 1, INTERVENTION[2], RULE, name="again")
+    with pytest.raises(CompareError, match=r"both arm 'intervention' seed 1"):
+        load_and_compare([tmp_path])
+    assert main(["compare", str(tmp_path)]) == 2
+    assert "both arm 'intervention' seed 1" in capsys.readouterr().err
+
+
+def test_missing_control_arm(tmp_path):
+    make_run(tmp_path, "a", 1, CONTROL[1])
+    make_run(tmp_path, "b", 1, INTERVENTION[1], RULE)
+    with pytest.raises(CompareError, match="no run of the control arm 'control'"):
+        load_and_compare([tmp_path])
+    result = load_and_compare([tmp_path], control_arm="a")
+    assert result["differences"]["b"]["final_val_loss"]["mean"] == pytest.approx(-0.2)
+
+
+def test_eval_table_is_appended_when_its_module_exists(paired, tmp_path, monkeypatch, capsys):
+    pkg = tmp_path / "plugin"
+    pkg.mkdir()
+    (pkg / "fake_eval_table.py").write_text(
+        "def eval_table(run_dirs, control_arm):\n"
+        "    assert any(p.endswith('control-s1') for p in run_dirs), run_dirs\n"
+        "    return f'DOWNSTREAM {len(run_dirs)} {control_arm}', {'tasks': 7}\n"
+    )
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.setattr(compare, "EVAL_TABLE_MODULE", "fake_eval_table")
+    out_json = tmp_path / "cmp.json"
+    # No eval*.json in the runs: the downstream view is not asked for.
+    assert main(["compare", str(paired), "--json", str(out_json)]) == 0
+    assert "DOWNSTREAM" not in capsys.readouterr().out
+    assert "eval_table" not in json.loads(out_json.read_text())
+    (paired / "control-s1" / "eval.json").write_text("{}")
+    assert main(["compare", str(paired), "--json", str(out_json)]) == 0
+    assert "DOWNSTREAM 6 control" in capsys.readouterr().out
+    assert json.loads(out_json.read_text())["eval_table"] == {"tasks": 7}
