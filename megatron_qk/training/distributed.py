@@ -80,9 +80,11 @@ def setup_distributed(cfg: ExperimentConfig) -> ParallelInfo:
     activate_cpu_compat()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if world_size == 1 and not torch.distributed.is_initialized():
+    launched_by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if world_size == 1 and not torch.distributed.is_initialized() and not launched_by_torchrun:
         # A one-process group on a fresh loopback port: a stale MASTER_PORT left by an earlier
-        # run in this process (or inherited) must not be reused.
+        # run in this process (or inherited) must not be reused. Under torchrun the rank joins
+        # the agent's store at MASTER_PORT instead, so that port must be kept.
         os.environ.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1"
         )

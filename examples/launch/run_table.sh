@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Run every arm and seed of one paper table in sequence, then print its comparison table(s).
+#
+#   TABLE=table1_gpt270m GPUS=8 bash examples/launch/run_table.sh [KEY=VALUE ...]
+#
+# A table is a directory under examples/configs/ holding one recipe per arm (or one
+# sub-directory per architecture pair) and a `seeds` file. Run directories are
+# runs/<table>/<group>/<arm>-s<seed>; finished runs are skipped and interrupted ones resume.
+# Environment:
+#   TABLE     table directory name or path (required), e.g. table1_gpt270m, table3_components
+#   SEEDS     seeds to run (default: the table's seeds file)
+#   GPUS      processes per run (default: visible GPUs, or 1)
+#   RUNS_DIR  where run directories go (default runs)
+#   DRY_RUN=1 validate and build every recipe once (meta device) and list the planned runs
+#   PYTHON    as in train.sh
+set -euo pipefail
+here="$(dirname "$0")"
+source "$here/common.sh"
+[ -n "${TABLE:-}" ] || die "set TABLE to a directory of examples/configs (e.g. table1_gpt270m)"
+table_dir="$TABLE"
+[ -d "$table_dir" ] || table_dir="$MQK_ROOT/examples/configs/$TABLE"
+[ -d "$table_dir" ] || die "no table directory $TABLE (looked in examples/configs/)"
+table_dir="$(cd "$table_dir" && pwd)"
+name="$(basename "$table_dir")"
+SEEDS="${SEEDS:-$(cat "$table_dir/seeds" 2>/dev/null || echo 1)}"
+RUNS_DIR="${RUNS_DIR:-runs}"
+mapfile -t recipes < <(find "$table_dir" -name '*.yaml' | sort)
+[ "${#recipes[@]}" -gt 0 ] || die "$table_dir holds no recipes"
+groups=()
+for recipe in "${recipes[@]}"; do
+  rel="${recipe#"$table_dir"/}"
+  group="$(dirname "$rel")"
+  arm="$(basename "$rel" .yaml)"
+  if [ "${DRY_RUN:-0}" = "1" ]; then
+    echo "== $rel (seeds: $SEEDS)"
+    report="$(CONFIG="$recipe" DRY_RUN=1 bash "$here/train.sh" "$@")"
+    "$PYTHON" -c 'import json, sys
+r = json.loads(sys.argv[1])
+print("   {:,} parameters, {} steps, {:,} tokens".format(
+    r["parameters"]["total"], r["planned_steps"], r["planned_tokens"]))' "$report"
+  fi
+  for seed in $SEEDS; do
+    out="$RUNS_DIR/$name/$group/$arm-s$seed"
+    out="${out//\/.\//\/}"
+    if [ "${DRY_RUN:-0}" = "1" ]; then echo "   would train -> $out"; continue; fi
+    if [ -f "$out/summary.json" ]; then echo "run_table.sh: $out finished, skipping"; continue; fi
+    CONFIG="$recipe" SEED="$seed" OUTPUT_DIR="$out" bash "$here/train.sh" "$@"
+  done
+  groups+=("$RUNS_DIR/$name/$group")
+done
+[ "${DRY_RUN:-0}" = "1" ] && exit 0
+for group in $(printf '%s\n' "${groups[@]}" | sort -u); do
+  group="${group%/.}"
+  echo "== $group"
+  mqk compare "$group" --json "$group/compare.json" | tee "$group/compare.md" || true
+done

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=megatron-qk
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --exclusive
+#SBATCH --output=slurm-%x-%j.out
+# Multi-node training: srun starts one torchrun per node; torchrun's c10d rendezvous on the first
+# node of the allocation starts GPUS_PER_NODE processes on each.
+#
+#   CONFIG=examples/configs/scaleup_gpt2.7b/intervention.yaml sbatch --nodes 4 \
+#     examples/launch/train_slurm.sh [KEY=VALUE ...]
+#
+# Environment:
+#   CONFIG         recipe YAML or preset name (required)
+#   GPUS_PER_NODE  processes per node (default 8)
+#   NODES          nodes (default: $SLURM_NNODES, else 2)
+#   MASTER_PORT    rendezvous port on the first node (default 29500)
+#   SEED, OUTPUT_DIR, PYTHON   as in train.sh
+#   CONTAINER      optional container image for srun (pyxis/enroot: --container-image)
+#   DRY_RUN=1      validate the recipe for NODES x GPUS_PER_NODE processes, build the model on the
+#                  meta device and print the srun command, without SLURM or GPUs
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+[ -n "${CONFIG:-}" ] || die "set CONFIG to a recipe"
+GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
+NODES="${NODES:-${SLURM_NNODES:-2}}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+build_overrides "$@"
+mapfile -d '' SET < <(set_flags "${OVERRIDES[@]}")
+if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+  MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+else
+  MASTER_ADDR="${MASTER_ADDR:-<first node of the allocation>}"
+fi
+container=()
+if [ -n "${CONTAINER:-}" ]; then
+  container=(--container-image "$CONTAINER" --container-mounts "$MQK_ROOT:$MQK_ROOT" --container-workdir "$MQK_ROOT")
+fi
+cmd=(srun --nodes "$NODES" --ntasks-per-node 1 "${container[@]}"
+  "$PYTHON" -m torch.distributed.run --nnodes "$NODES" --nproc-per-node "$GPUS_PER_NODE"
+  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${SLURM_JOB_ID:-dry-run}"
+  -m megatron_qk.train "$CONFIG" "${SET[@]}")
+if [ "${DRY_RUN:-0}" = "1" ]; then
+  mqk train "$CONFIG" --dry-run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NODES" "${SET[@]}"
+  echo "would run: ${cmd[*]}"
+  exit 0
+fi
+[ -n "${SLURM_JOB_ID:-}" ] || die "not inside a SLURM allocation: submit with sbatch (or DRY_RUN=1)"
+mqk train "$CONFIG" --dry-run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NODES" "${SET[@]}" >/dev/null
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+echo "train_slurm.sh: $CONFIG on $NODES x $GPUS_PER_NODE, rendezvous $MASTER_ADDR:$MASTER_PORT"
+exec "${cmd[@]}"
