@@ -26,7 +26,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "dev": ["pytest>=8", "ruff>=0.6"],
-    "eval": ["lm-eval>=0.4.5"],
+    # megatron-qk eval: the adapter subclasses lm-eval's TemplateLM and reads its task index,
+    # whose internals change between releases, so the harness is pinned like megatron-core.
+    "eval": ["lm-eval==0.4.13"],
     "wandb": ["wandb>=0.17"],
     # Documentation-only extra: transformer-engine and apex come from the NGC PyTorch image
     # (nvcr.io/nvidia/pytorch); pip wheels of TE need a matching CUDA toolchain.

@@ -159,7 +159,7 @@ def test_train_tokens_rounds_up_to_steps():
 
 def test_exponent_numbers_without_a_dot_are_numbers():
     """PyYAML reads "1e-2" as a string (YAML 1.1); number fields accept it anyway."""
-    cfg = load_config("tiny", ["optim.lr=1e-2", "training.train_tokens=3e4"])
-    assert cfg.optim.lr == 0.01 and cfg.training.train_tokens == 30000
+    cfg = load_config("tiny", ["optim.lr=1e-2", "training.save_interval=3e2"])
+    assert cfg.optim.lr == 0.01 and cfg.training.save_interval == 300
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config("tiny", ["optim.lr=fast"])
