@@ -1,80 +1,179 @@
-"""``megatron-qk quickstart``: the embedded default job, offline on CPU in about a minute.
+"""``megatron-qk quickstart``: the paper's experiment end to end, offline, on a 2-core CPU.
 
-It trains the ``tiny`` GPT-style preset (4 layers, width 64) on the synthetic repeated-motif
-stream in this process, writes the run directory under ``--out`` and prints the loss curve.
-Rerunning resumes (or reports the finished run) instead of starting over.
+Stages (each one is skipped when its output exists, so a rerun resumes where it stopped):
+
+1. **corpus**: Python's own documentation as English text
+   (:mod:`megatron_qk.data.python_docs`), or ``--data fineweb-edu``: a FineWeb-Edu sample-10BT
+   slice streamed from the Hugging Face hub (needs network).
+2. **preprocess**: the real tokenizer pipeline writes Megatron indexed datasets (train + valid).
+3. **train**: the ``quickstart`` preset's control arm and the paper's intervention arm
+   (upper-half W_Q/W_K at lr x0.25, lower-copy maturity release), each with 2 processes
+   (torchrun, DP=2); interrupted runs resume from their last checkpoint.
+4. **diagnose**: probes, upper Q/K ablation and locality on every checkpoint of both runs.
+5. **report**: ``DIR/report.md`` with the paired comparison, the release point, the replayed
+   release, the 3% mechanism readouts and the Figure-3 panels (``DIR/figures/*.png``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-SPARK = " .:-=+*#%@"
+ARMS = ("control", "intervention")
+INTERVENTION = (
+    "optim.rules=[{name: upper_qk, layers: upper_half, roles: [q, k], multiplier: 0.25, "
+    "release: maturity, threshold: 0.005, patience: 3, min_frac: 0.03, max_frac: 0.12, "
+    "ramp_frac: 0.01}]"
+)
+STAGES = ("corpus", "preprocess", "train control", "train intervention", "diagnose", "report")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the quickstart options."""
     parser.add_argument("--out", default="quickstart-out", help="output directory")
-    parser.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps per arm (default: the preset's)"
+    )
+    parser.add_argument(
+        "--data",
+        choices=("python-docs", "fineweb-edu"),
+        default="python-docs",
+        help="python-docs: offline, Python's own documentation; fineweb-edu: a hub sample",
+    )
+    parser.add_argument(
+        "--fineweb-docs", type=int, default=20000, help="documents taken with --data fineweb-edu"
+    )
+    parser.add_argument("--nproc", type=int, default=2, help="processes per training run")
+    parser.add_argument("--seed", type=int, default=1, help="training seed of both arms")
 
 
-def sparkline(values: list[float], width: int = 60) -> str:
-    """A one-line text plot of ``values`` (high values are dense characters)."""
-    if not values:
-        return ""
-    step = max(1, len(values) // width)
-    sampled = values[::step]
-    lo, hi = min(sampled), max(sampled)
-    span = (hi - lo) or 1.0
-    return "".join(SPARK[int((v - lo) / span * (len(SPARK) - 1))] for v in sampled)
+def _corpus(out: Path, args: argparse.Namespace) -> tuple[list[str], dict]:
+    """Stage 1: the input files of the preprocessing stage and a description."""
+    if args.data == "fineweb-edu":
+        return [], {"source": "HuggingFaceFW/fineweb-edu sample-10BT", "documents": None}
+    from megatron_qk.data.python_docs import write_python_docs_corpus
+
+    path = out / "corpus" / "python-docs.jsonl"
+    meta_path = path.with_suffix(".json")
+    if not meta_path.exists():
+        meta = write_python_docs_corpus(path)
+        meta["source"] = f"Python {sys.version.split()[0]} documentation (pydoc topics, stdlib)"
+        meta_path.write_text(json.dumps(meta) + "\n", encoding="utf-8")
+    return [str(path)], json.loads(meta_path.read_text(encoding="utf-8"))
 
 
-def loss_curve_summary(metrics_path: Path) -> str:
-    """Human-readable summary of a run's metrics.jsonl (train curve + eval table)."""
-    train, evals = [], []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        if rec["kind"] == "train":
-            train.append(rec)
-        elif rec["kind"] == "eval":
-            evals.append(rec)
-    if not train:
-        return "no training steps recorded"
-    losses = [r["loss"] for r in train]
-    tps = sorted(r["tokens_per_second"] for r in train)
-    lines = [
-        f"train loss: {losses[0]:.4f} (step {train[0]['step']}) -> {losses[-1]:.4f} "
-        f"(step {train[-1]['step']}), median {tps[len(tps) // 2]:,.0f} tokens/s",
-        f"curve: [{sparkline(losses)}]",
-        "",
-        "| step | tokens | val_loss | val_ppl |",
-        "|---:|---:|---:|---:|",
+def _preprocess(out: Path, inputs: list[str], args: argparse.Namespace) -> tuple[str, dict]:
+    """Stage 2: indexed datasets through the real pipeline (resumable; a no-op when done)."""
+    from megatron_qk.data.pipeline import PreprocessConfig, preprocess
+
+    name = "python-docs" if args.data == "python-docs" else "fineweb-edu"
+    prefix = out / "data" / name
+    options = dict(output_prefix=str(prefix), valid_fraction=0.05, workers=2, progress=True)
+    if args.data == "fineweb-edu":
+        from megatron_qk.data.readers import HubDataset
+
+        hub = HubDataset("HuggingFaceFW/fineweb-edu", config="sample-10BT")
+        options.update(hf=hub, max_docs=args.fineweb_docs)
+    else:
+        options["inputs"] = inputs
+    summary = preprocess(PreprocessConfig(**options))
+    return str(prefix), summary
+
+
+def _train(out: Path, prefix: str, arm: str, args: argparse.Namespace) -> Path:
+    """Stage 3: one arm with ``args.nproc`` processes; resumes or skips a finished run."""
+    run_dir = out / "runs" / f"{arm}-s{args.seed}"
+    if (run_dir / "summary.json").exists():
+        return run_dir
+    overrides = [
+        f"training.output_dir={run_dir}",
+        f"training.seed={args.seed}",
+        f"arm={arm}",
+        f"data.train_prefixes=[{prefix}_text_document]",
+        f"data.valid_prefixes=[{prefix}_valid_text_document]",
     ]
-    for r in evals:
-        lines.append(
-            f"| {r['step']} | {r['tokens']:,} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |"
+    if args.steps is not None:
+        overrides.append(f"training.train_steps={args.steps}")
+    if arm == "intervention":
+        overrides.append(INTERVENTION)
+    cmd = [sys.executable, "-m", "megatron_qk.cli", "train", "quickstart"]
+    cmd += ["--nproc-per-node", str(args.nproc), "--set", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0 or not (run_dir / "summary.json").exists():
+        raise RuntimeError(
+            f"training the {arm} arm failed (exit {proc.returncode}); its log is above and its "
+            f"run directory is {run_dir}; rerun the quickstart to resume it"
         )
-    return "\n".join(lines)
+    return run_dir
+
+
+def _diagnose(run_dir: Path) -> None:
+    """Stage 4: every checkpoint of a run not yet in its diagnose.json."""
+    from megatron_qk.diagnostics.diagnose_cli import (
+        DEFAULT_OUT_NAME,
+        diagnose_checkpoint,
+        heldout_batches,
+        merge_results,
+    )
+    from megatron_qk.training.restore import load_checkpoint_for_analysis
+
+    out = run_dir / DEFAULT_OUT_NAME
+    done = set()
+    if out.exists():
+        done = {r["step"] for r in json.loads(out.read_text(encoding="utf-8"))["results"]}
+    for ckpt in sorted((run_dir / "checkpoints").glob("iter_???????")):
+        if int(ckpt.name.split("_")[1]) in done:
+            continue
+        loaded = load_checkpoint_for_analysis(ckpt)
+        batches = heldout_batches(loaded, None, num_sequences=8, batch_size=4)
+        merge_results(out, run_dir, [diagnose_checkpoint(loaded, batches, None, 128)])
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train the tiny preset and print its loss curve summary."""
-    from megatron_qk.config.loader import load_config
-    from megatron_qk.training.entry import train_from_config
+    """Run every stage, print the report's path and its comparison table."""
+    from tqdm import tqdm
 
-    out = Path(args.out)
-    run_dir = out / "tiny-control"
-    cfg = load_config(
-        "tiny",
-        [f"training.output_dir={run_dir}", f"training.train_steps={args.steps}"],
-    )
-    summary = train_from_config(cfg)
-    print(loss_curve_summary(run_dir / "metrics.jsonl"))
-    if summary:
-        print(
-            f"\nfinal val_loss {summary['final_val_loss']:.4f}, ppl {summary['final_val_ppl']:.2f}"
-            f" after {summary['steps']} steps; run directory: {run_dir}"
-        )
+    from megatron_qk.quickstart_report import write_report
+    from megatron_qk.training.distributed import teardown_distributed
+
+    if args.steps is not None and args.steps < 10:
+        raise SystemExit("megatron-qk quickstart: --steps must be >= 10")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(STAGES), desc="quickstart", unit="stage", position=0)
+
+    def stage(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.write(f"[quickstart] {name}")
+
+    stage("corpus")
+    inputs, corpus = _corpus(out, args)
+    bar.update()
+    stage("preprocess")
+    prefix, data_summary = _preprocess(out, inputs, args)
+    bar.update()
+    run_dirs = {}
+    for arm in ARMS:
+        stage(f"train {arm}")
+        run_dirs[arm] = _train(out, prefix, arm, args)
+        bar.update()
+    stage("diagnose")
+    try:
+        for arm in ARMS:
+            _diagnose(run_dirs[arm])
+    finally:
+        teardown_distributed()
+    bar.update()
+    stage("report")
+    report = write_report(out, run_dirs, corpus, data_summary)
+    bar.update()
+    bar.close()
+    print(f"\nreport: {report}")
     return 0

@@ -13,3 +13,20 @@ def single_rank():
     setup_distributed(load_config("tiny"))
     yield
     teardown_distributed()
+
+
+def assert_paper_rule(rule) -> None:
+    """The paper's intervention: upper-half W_Q/W_K at x0.25, lower-copy maturity release."""
+    assert (rule.layers, rule.roles, rule.multiplier, rule.release) == (
+        "upper_half",
+        ["q", "k"],
+        0.25,
+        "maturity",
+    )
+    assert (rule.threshold, rule.patience, rule.min_frac, rule.max_frac, rule.ramp_frac) == (
+        0.005,
+        3,
+        0.03,
+        0.12,
+        0.01,
+    )

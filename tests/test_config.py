@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_paper_rule
 
 from megatron_qk.config.loader import (
     dump_config,
@@ -118,19 +119,7 @@ def test_overrides_and_base_chain(tmp_path):
     assert (cfg.name, cfg.arm, cfg.optim.lr) == ("mid", "intervention", 1.0e-3)
     assert cfg.training.train_steps == 7 and cfg.planned_steps() == 7
     rule = cfg.optim.rules[0]
-    assert (rule.layers, rule.roles, rule.multiplier, rule.release) == (
-        "upper_half",
-        ["q", "k"],
-        0.25,
-        "maturity",
-    )
-    assert (rule.threshold, rule.patience, rule.min_frac, rule.max_frac, rule.ramp_frac) == (
-        0.005,
-        3,
-        0.03,
-        0.12,
-        0.01,
-    )
+    assert_paper_rule(rule)
 
 
 def test_circular_base_and_missing_files(tmp_path):

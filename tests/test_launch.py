@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_paper_rule
 
 from megatron_qk.config.loader import load_config
 
@@ -59,19 +60,7 @@ def test_recipe_loads_and_fits_its_cluster(recipe):
     rules = {r.name: r for r in cfg.optim.rules}
     if cfg.arm == "intervention":
         rule = rules["upper_qk"]
-        assert (rule.layers, rule.roles, rule.multiplier, rule.release) == (
-            "upper_half",
-            ["q", "k"],
-            0.25,
-            "maturity",
-        )
-        assert (rule.threshold, rule.patience, rule.min_frac, rule.max_frac, rule.ramp_frac) == (
-            0.005,
-            3,
-            0.03,
-            0.12,
-            0.01,
-        )
+        assert_paper_rule(rule)
     if cfg.arm == "control":
         assert not rules and not cfg.optim.entropy_floor.enabled and cfg.optim.lr_multiplier == 1
 

@@ -39,20 +39,12 @@ def dry_run(cfg: ExperimentConfig) -> dict:
     The parameter count does not depend on the parallel layout, so a laptop can check a recipe
     meant for a cluster. The layout itself was validated by the caller.
     """
-    import dataclasses
 
     from megatron_qk.models.builder import build_gpt_model, padded_vocab_size
     from megatron_qk.models.params import count_parameters, expected_parameter_count
+    from megatron_qk.training.restore import single_process_config
 
-    single = dataclasses.replace(
-        cfg,
-        parallel=dataclasses.replace(
-            cfg.parallel,
-            tensor_model_parallel_size=1,
-            pipeline_model_parallel_size=1,
-            sequence_parallel=False,
-        ),
-    )
+    single = single_process_config(cfg)
     import os
 
     saved = {k: os.environ.pop(k, None) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}

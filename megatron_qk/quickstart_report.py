@@ -1,0 +1,154 @@
+"""The quickstart's ``report.md``: comparison table, release point, mechanism readouts, figures.
+
+Every number in the report is read from the run directories the quickstart just wrote
+(``summary.json``, ``metrics.jsonl``, ``diagnose.json``) through the same functions as the
+``compare``, ``replay-release`` and ``plot`` commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+READOUTS = (
+    ("lower_copy", "lower copy"),
+    ("upper_entropy", "upper entropy"),
+    ("upper_logit", "upper logit"),
+    ("logit_ratio", "upper/lower logit"),
+    ("upper_qk_sigma", "σ₁(W_Qᵀ W_K)"),
+    ("upper_qk_displacement", "Q/K displacement"),
+    ("upper_ffn_write_rms", "upper FFN write RMS"),
+)
+
+
+def _diag_lines(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in (json.loads(x) for x in lines if x.strip()) if r["kind"] == "diag"]
+
+
+def _world_size(run_dir: Path) -> int:
+    import yaml
+
+    meta = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")).get("_meta", {})
+    return int(meta.get("world_size", 1))
+
+
+def _nearest(records: list[dict], frac: float) -> dict:
+    return min(records, key=lambda r: abs(r["frac"] - frac))
+
+
+def _readout_table(run_dirs: dict[str, Path], frac: float) -> list[str]:
+    header = "| Arm | step (frac) | " + " | ".join(label for _, label in READOUTS) + " |"
+    lines = [header, "|---|---:|" + "---:|" * len(READOUTS)]
+    for arm, run_dir in run_dirs.items():
+        rec = _nearest(_diag_lines(run_dir), frac)
+        cells = " | ".join(f"{rec[key]:.4f}" for key, _ in READOUTS)
+        lines.append(f"| {arm} | {rec['step']} ({rec['frac']:.3f}) | {cells} |")
+    return lines
+
+
+def _ablation_lines(run_dirs: dict[str, Path]) -> list[str]:
+    lines = [
+        "| Arm | checkpoint step (frac) | ppl | +ppl, upper Q zeroed | +ppl, upper K zeroed | "
+        "+ppl, both | λ_Q | λ_K | R_P/‖X‖² |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arm, run_dir in run_dirs.items():
+        path = run_dir / "diagnose.json"
+        if not path.exists():
+            continue
+        for r in json.loads(path.read_text(encoding="utf-8"))["results"]:
+            a, loc = r["ablation"], r["locality"]
+            lines.append(
+                f"| {arm} | {r['step']} ({r['frac']:.2f}) | {a['base_ppl']:.2f} | "
+                f"{a['q']['ppl_increase']:+.3f} | {a['k']['ppl_increase']:+.3f} | "
+                f"{a['qk']['ppl_increase']:+.3f} | {loc['lambda_q']:.3f} | {loc['lambda_k']:.3f} "
+                f"| {loc['rp_fraction']:.3f} |"
+            )
+    return lines
+
+
+def write_report(out: Path, run_dirs: dict[str, Path], corpus: dict, data_summary: dict) -> Path:
+    """Write ``out/report.md`` (and the figures under ``out/figures``); return its path."""
+    from megatron_qk.analysis.compare import format_table, load_and_compare
+    from megatron_qk.analysis.plot import PANELS, plot_runs
+    from megatron_qk.analysis.replay import replay_run
+    from megatron_qk.config.loader import load_resolved_config
+
+    comparison = load_and_compare([str(p) for p in run_dirs.values()])
+    (out / "compare.json").write_text(json.dumps(comparison, indent=1) + "\n", encoding="utf-8")
+    figures = plot_runs(list(run_dirs.values()), out / "figures")
+    cfg = load_resolved_config(run_dirs["intervention"] / "config.yaml")
+    m, t = cfg.model, cfg.training
+    summaries = {
+        arm: json.loads((d / "summary.json").read_text(encoding="utf-8"))
+        for arm, d in run_dirs.items()
+    }
+    rule = cfg.optim.rules[0]
+    release = summaries["intervention"]["release"].get(rule.name)
+    replay = replay_run(run_dirs["intervention"] / "metrics.jsonl", rule=rule.name)
+    lines = [
+        "# megatron-qk quickstart report",
+        "",
+        f"Corpus: {corpus.get('source')}; {data_summary.get('documents', '?'):,} documents, "
+        f"{data_summary.get('tokens', 0):,} GPT-2 tokens (train + valid via `megatron-qk "
+        "preprocess`).",
+        f"Model: GPT-style decoder, {m.num_layers} layers, width {m.hidden_size}, "
+        f"{m.num_attention_heads} heads, {m.ffn.upper()} FFN {m.ffn_hidden_size}, "
+        f"{m.normalization}, seq {m.seq_length}; {t.train_steps} steps of {t.global_batch_size} "
+        f"sequences per arm, data-parallel over {_world_size(run_dirs['intervention'])} "
+        "processes.",
+        f"Intervention: `{rule.name}`: upper-half {'/'.join(rule.roles)} at lr x{rule.multiplier},"
+        f" {rule.release} release (threshold {rule.threshold}, patience {rule.patience}, window "
+        f"[{rule.min_frac}, {rule.max_frac}]), ramp {rule.ramp_frac}.",
+        "",
+        "## Paired comparison (`megatron-qk compare`)",
+        "",
+        format_table(comparison),
+        "",
+        "## Release (`release` lines; `megatron-qk replay-release`)",
+        "",
+    ]
+    if release is None:
+        lines.append("The intervention run logged no release.")
+    else:
+        lines.append(
+            f"`{rule.name}` released at step {release['step']} (frac {release['frac']:.3f}, "
+            f"reason: {release['reason']}). Replaying the rule on the logged lower-copy scores "
+            f"gives step {(replay['replayed'] or {}).get('step')}: "
+            f"{'agrees' if replay['agrees'] else 'DISAGREES'} with the run."
+        )
+    for arm, summary in summaries.items():
+        crossing = summary.get("sharp_entropy_crossing")
+        where = (
+            f"step {crossing['step']} (frac {crossing['frac']:.3f})" if crossing else "not reached"
+        )
+        lines.append(
+            f"- {arm}: upper entropy below {cfg.diagnostics.sharp_entropy_threshold} "
+            f"(sharp-entropy crossing): {where}"
+        )
+    lines += ["", "## Mechanism readouts at ~3% of training (`diag` lines)", ""]
+    lines += _readout_table(run_dirs, 0.03)
+    lines += ["", "At the end of training:", ""]
+    lines += _readout_table(run_dirs, 1.0)
+    lines += [
+        "",
+        "## Upper Q/K ablation and locality over checkpoints (`megatron-qk diagnose`)",
+        "",
+        *_ablation_lines(run_dirs),
+        "",
+        "## Figure 3 panels (`megatron-qk plot`)",
+        "",
+        f"![Figure 3]({figures['figure3'].relative_to(out).as_posix()})",
+        "",
+    ]
+    for name, title in PANELS.items():
+        lines.append(f"- [{title}]({figures[name].relative_to(out).as_posix()})")
+    lines += [
+        "",
+        "Runs: " + ", ".join(f"`{d.relative_to(out).as_posix()}`" for d in run_dirs.values()),
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -1,0 +1,83 @@
+"""The README's main job end to end with a reduced step count: corpus, preprocessing, two
+2-process training runs, diagnostics and the report; a rerun reuses every stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _quickstart(out: Path, steps: int) -> subprocess.CompletedProcess:
+    launcher = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "megatron_qk.cli", "quickstart", "--out", str(out)]
+    cmd += ["--steps", str(steps)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.fixture(scope="module")
+def quickstart_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    proc = _quickstart(out, 12)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out, proc
+
+
+def test_quickstart_writes_the_report(quickstart_out):
+    from matplotlib.image import imread
+
+    out, proc = quickstart_out
+    assert f"report: {out / 'report.md'}" in proc.stdout
+    # The real corpus went through the real preprocessing tool.
+    corpus = json.loads((out / "corpus" / "python-docs.json").read_text())
+    assert corpus["documents"] > 100 and corpus["characters"] > 500_000
+    summary = json.loads((out / "data" / "python-docs_summary.json").read_text())
+    assert summary["tokens"] > 200_000
+    for suffix in (".bin", ".idx"):
+        assert (out / "data" / f"python-docs_text_document{suffix}").stat().st_size > 0
+        assert (out / "data" / f"python-docs_valid_text_document{suffix}").stat().st_size > 0
+    runs = {arm: out / "runs" / f"{arm}-s1" for arm in ("control", "intervention")}
+    for arm, run_dir in runs.items():
+        s = json.loads((run_dir / "summary.json").read_text())
+        assert (s["arm"], s["steps"], s["finished"]) == (arm, 12, True)
+        meta = (run_dir / "config.yaml").read_text()
+        assert "world_size: 2" in meta  # two training processes
+        diag = json.loads((run_dir / "diagnose.json").read_text())
+        assert [r["step"] for r in diag["results"]] == [12]  # save_interval 20 > 12 steps
+    release = json.loads((runs["intervention"] / "summary.json").read_text())["release"]
+    # 12 steps, evaluations every 5: no evaluation inside [3%, 12%], so forced at step 2 (17%).
+    assert release["upper_qk"]["reason"] == "forced" and release["upper_qk"]["step"] == 2
+    report = (out / "report.md").read_text()
+    for heading in (
+        "## Paired comparison",
+        "## Release",
+        "## Mechanism readouts at ~3% of training",
+        "## Upper Q/K ablation and locality",
+        "## Figure 3 panels",
+    ):
+        assert heading in report, heading
+    assert "| control |" in report and "| intervention |" in report
+    assert "released at step 2 (frac 0.167, reason: forced)" in report
+    assert "agrees with the run" in report
+    compare = json.loads((out / "compare.json").read_text())
+    assert set(compare["arms"]) == {"control", "intervention"}
+    for png in ("figure3", "panel_lower_copy", "panel_upper_entropy", "panel_ablation"):
+        image = imread(out / "figures" / f"{png}.png")
+        assert image.shape[0] > 200 and image[..., :3].std() > 0.01
+
+
+def test_quickstart_rerun_reuses_every_stage(quickstart_out):
+    out, _ = quickstart_out
+    runs = out / "runs"
+    before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
+    proc = _quickstart(out, 12)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    after = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
+    assert after == before  # no run, checkpoint or diagnose file was rewritten
+    assert "train.sh" not in proc.stdout and "val_loss" not in proc.stderr
