@@ -1,6 +1,7 @@
 """Shared fixtures."""
 
 import pytest
+import torch
 
 from megatron_qk.config.loader import load_config
 
@@ -30,3 +31,13 @@ def assert_paper_rule(rule) -> None:
         0.12,
         0.01,
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU-marked tests run only where CUDA is available (reported as skipped elsewhere)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marker: gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
