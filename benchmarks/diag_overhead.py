@@ -63,6 +63,7 @@ def main() -> None:
             [
                 *args.set,
                 f"training.output_dir={tmp}/run",
+                "training.train_tokens=null",
                 f"training.train_steps={args.warmup + args.reps + 1}",
                 "logging.progress_bar=false",
                 "diagnostics.enabled=true",

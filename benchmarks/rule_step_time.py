@@ -52,6 +52,7 @@ def main() -> None:
                     *args.set,
                     *extra,
                     f"training.output_dir={tmp}/{arm}",
+                    "training.train_tokens=null",
                     f"training.train_steps={total}",
                     "logging.progress_bar=false",
                 ],

@@ -96,7 +96,7 @@ def heldout_batches(
     loaded, data_prefix: str | None, num_sequences: int, batch_size: int
 ) -> list[dict[str, torch.Tensor]]:
     """Held-out micro-batches on the model's device."""
-    from megatron_qk.training.data import _collate, build_datasets
+    from megatron_qk.training.data import build_datasets, collate_samples
 
     cfg = loaded.cfg
     seq = cfg.model.seq_length
@@ -109,7 +109,7 @@ def heldout_batches(
         samples = [valid[i % len(valid)] for i in range(num_sequences)]
     batches = []
     for start in range(0, num_sequences, batch_size):
-        batch = _collate(samples[start : start + batch_size])
+        batch = collate_samples(samples[start : start + batch_size])
         batches.append({k: v.to(loaded.device) for k, v in batch.items()})
     return batches
 

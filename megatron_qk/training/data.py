@@ -166,7 +166,8 @@ def build_datasets(cfg: ExperimentConfig, planned_steps: int, output_dir: str) -
     return Datasets(train, valid)
 
 
-def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+def collate_samples(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack dataset samples into a batch: tokens, labels, loss_mask, position_ids ``[b, s]``."""
     tokens = torch.stack([torch.as_tensor(s["tokens"], dtype=torch.long) for s in samples])
     labels = torch.stack([torch.as_tensor(s["labels"], dtype=torch.long) for s in samples])
     if "loss_mask" in samples[0]:
@@ -195,5 +196,7 @@ def micro_batches(
     stride = micro_batch_size * dp_size
     for m in range(num_microbatches):
         first = start_sample + m * stride + dp_rank * micro_batch_size
-        batch = _collate([dataset[(first + i) % len(dataset)] for i in range(micro_batch_size)])
+        batch = collate_samples(
+            [dataset[(first + i) % len(dataset)] for i in range(micro_batch_size)]
+        )
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
