@@ -257,3 +257,22 @@ def test_eval_table_is_appended_when_its_module_exists(paired, tmp_path, monkeyp
     assert main(["compare", str(paired), "--json", str(out_json)]) == 0
     assert "DOWNSTREAM 6 control" in capsys.readouterr().out
     assert json.loads(out_json.read_text())["eval_table"] == {"tasks": 7}
+
+
+def test_compare_appends_the_real_table2_view(paired, tmp_path, capsys):
+    """With downstream reports in the run directories, compare prints and writes Table 2."""
+    piqa = {("control", 1): 0.60, ("control", 2): 0.62, ("control", 3): 0.61}
+    piqa |= {("intervention", 1): 0.61, ("intervention", 2): 0.63, ("intervention", 3): 0.64}
+    for (arm, seed), acc in piqa.items():
+        report = {"format": "megatron-qk-eval/1", "step": 100, "arm": arm, "seed": seed,
+                  "tasks": {"piqa": {"acc": acc, "samples": 100}}}  # fmt: skip
+        (paired / f"{arm}-s{seed}" / "eval.json").write_text(json.dumps(report))
+    out_json = tmp_path / "cmp.json"
+    assert main(["compare", str(paired), "--json", str(out_json)]) == 0
+    assert "Downstream evaluation (Table 2): intervention vs control" in capsys.readouterr().out
+    table = json.loads(out_json.read_text())["eval_table"]["tables"]["intervention"]
+    (row,) = table["rows"]
+    # Paired deltas in percentage points: +1, +1, +3.
+    assert row["task"] == "piqa" and row["wins"] == 3
+    assert row["delta_pp"]["mean"] == pytest.approx(5 / 3)
+    assert row["delta_pp"]["std"] == pytest.approx(sample_sd([1.0, 1.0, 3.0]))
