@@ -33,7 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatron_qk.analysis.replay",
         "replay the maturity release rule on a run's logged lower-copy scores",
     ),
-    "theory": ("megatron_qk.analysis.theory", "evaluate the paper's theory quantities"),
+    "theory": ("megatron_qk.analysis.theory_cli", "evaluate the paper's theory quantities"),
     "eval": ("megatron_qk.evaluation.cli", "downstream task suite with lm-evaluation-harness"),
 }
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from megatron_qk import cli
-from megatron_qk.analysis import theory
 from megatron_qk.analysis.theory import (
     activation_fn,
     activation_second_moment,
@@ -322,5 +321,7 @@ def test_cli_init_std_needs_hidden_size(
 
 
 def test_module_exposes_cli_contract() -> None:
-    assert cli.SUBCOMMANDS["theory"][0] == theory.__name__
-    assert callable(theory.configure_parser) and callable(theory.run)
+    from megatron_qk.analysis import theory_cli
+
+    assert cli.SUBCOMMANDS["theory"][0] == theory_cli.__name__
+    assert callable(theory_cli.configure_parser) and callable(theory_cli.run)
