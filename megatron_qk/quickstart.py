@@ -86,8 +86,16 @@ def _preprocess(out: Path, inputs: list[str], args: argparse.Namespace) -> tuple
 
 def _train(out: Path, prefix: str, arm: str, args: argparse.Namespace) -> Path:
     """Stage 3: one arm with ``args.nproc`` processes; resumes or skips a finished run."""
-    run_dir = out / "runs" / f"{arm}-s{args.seed}"
-    if (run_dir / "summary.json").exists():
+    # The data source is part of the name, so --data fineweb-edu never reuses python-docs runs.
+    run_dir = out / "runs" / args.data / f"{arm}-s{args.seed}"
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        planned = json.loads(summary.read_text(encoding="utf-8"))["planned_steps"]
+        if args.steps is not None and planned != args.steps:
+            raise SystemExit(
+                f"megatron-qk quickstart: {run_dir} finished with {planned} steps, not --steps "
+                f"{args.steps}; use another --out"
+            )
         return run_dir
     overrides = [
         f"training.output_dir={run_dir}",

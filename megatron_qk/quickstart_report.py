@@ -42,7 +42,9 @@ def _readout_table(run_dirs: dict[str, Path], frac: float) -> list[str]:
     lines = [header, "|---|---:|" + "---:|" * len(READOUTS)]
     for arm, run_dir in run_dirs.items():
         rec = _nearest(_diag_lines(run_dir), frac)
-        cells = " | ".join(f"{rec[key]:.4f}" for key, _ in READOUTS)
+        cells = " | ".join(
+            "n/a" if rec.get(key) is None else f"{rec[key]:.4f}" for key, _ in READOUTS
+        )
         lines.append(f"| {arm} | {rec['step']} ({rec['frac']:.3f}) | {cells} |")
     return lines
 

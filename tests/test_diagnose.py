@@ -248,9 +248,11 @@ def test_diagnose_and_plot_end_to_end(trained_run, tmp_path):
     )
     loc = last["locality"]
     assert loc["rank"] == 16 and set(loc["layers"]) == {"3", "4"}
-    for key in ("lambda_q", "lambda_k"):
-        assert 0 < loc[key] <= 1 + 1e-9  # ||X W W^T P|| <= ||X P|| ||W||^2
-    assert 0 < loc["rp_fraction"] <= 1 + 1e-9
+    for layer in loc["layers"].values():
+        assert 0 < layer["rp_fraction"] <= 1 + 1e-9
+        # Corollary 1 (eq. 31): ||X W W^T P|| <= ||X|| ||W||^2, i.e. lambda <= ||X|| / ||X_P||.
+        for key in ("lambda_q", "lambda_k"):
+            assert 0 < layer[key] <= (1 + 1e-9) / math.sqrt(layer["rp_fraction"])
     diag12 = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
     diag12 = [r for r in diag12 if r["kind"] == "diag" and r["step"] == 12][0]
     # Weight statistics do not depend on the data: the checkpoint gives the live values.

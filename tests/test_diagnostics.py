@@ -150,3 +150,22 @@ def test_bilinear_singular_value_of_a_known_form():
     dense = torch.linalg.matrix_norm(a.transpose(1, 2) @ b - a0.transpose(1, 2) @ b0, ord=2)
     torch.testing.assert_close(bilinear_displacement(a, b, a0, b0).float(), dense)
     assert bilinear_displacement(a, b, a, b).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("rmsnorm", [False, True], ids=["layernorm", "rmsnorm"])
+def test_norm_jvp_equals_autograd(rmsnorm):
+    """The locality estimator's map of FFN writes is the exact Jacobian of the input norm."""
+    from megatron_qk.diagnostics.locality import norm_jvp
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 16, dtype=torch.float64) * 3 + 1
+    f = 0.5 * x + torch.randn(5, 16, dtype=torch.float64)  # correlated with x, as FFN writes are
+    gamma, eps = torch.rand(16, dtype=torch.float64) + 0.5, 1e-5
+    if rmsnorm:
+        norm = torch.nn.RMSNorm(16, eps=eps, dtype=torch.float64)
+    else:
+        norm = torch.nn.LayerNorm(16, eps=eps, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.copy_(gamma)
+    _, expected = torch.func.jvp(norm, (x,), (f,))
+    torch.testing.assert_close(norm_jvp(x, f, gamma, eps, rmsnorm), expected)

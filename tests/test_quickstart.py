@@ -42,7 +42,7 @@ def test_quickstart_writes_the_report(quickstart_out):
     for suffix in (".bin", ".idx"):
         assert (out / "data" / f"python-docs_text_document{suffix}").stat().st_size > 0
         assert (out / "data" / f"python-docs_valid_text_document{suffix}").stat().st_size > 0
-    runs = {arm: out / "runs" / f"{arm}-s1" for arm in ("control", "intervention")}
+    runs = {arm: out / "runs" / "python-docs" / f"{arm}-s1" for arm in ("control", "intervention")}
     for arm, run_dir in runs.items():
         s = json.loads((run_dir / "summary.json").read_text())
         assert (s["arm"], s["steps"], s["finished"]) == (arm, 12, True)
@@ -81,3 +81,5 @@ def test_quickstart_rerun_reuses_every_stage(quickstart_out):
     after = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
     assert after == before  # no run, checkpoint or diagnose file was rewritten
     assert "train.sh" not in proc.stdout and "val_loss" not in proc.stderr
+    other = _quickstart(out, 14)  # a finished directory is not silently reused for other steps
+    assert other.returncode != 0 and "finished with 12 steps, not --steps 14" in other.stderr

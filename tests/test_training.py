@@ -271,3 +271,18 @@ def test_split_with_an_empty_share_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.split.*valid share.*5 documents"):
         train_from_config(cfg)
     assert not (tmp_path / "empty" / "metrics.jsonl").exists()
+
+
+def test_evaluation_runs_without_dropout(tmp_path):
+    """Validation loss and diag probes see the model in eval mode: repeatable with dropout on."""
+    from megatron_qk.training.distributed import setup_distributed, teardown_distributed
+    from megatron_qk.training.loop import Trainer
+
+    cfg = tiny(tmp_path, "dropout", "model.hidden_dropout=0.3", "model.attention_dropout=0.3")
+    trainer = Trainer(cfg, setup_distributed(cfg))
+    try:
+        first, second = trainer.evaluate(), trainer.evaluate()
+        assert first["val_loss"] == second["val_loss"]
+        assert trainer.model.training  # back in train mode for the next step
+    finally:
+        teardown_distributed()

@@ -18,11 +18,23 @@
 #   NODES          nodes (default: $SLURM_NNODES, else 2)
 #   MASTER_PORT    rendezvous port on the first node (default 29500)
 #   SEED, OUTPUT_DIR, PYTHON   as in train.sh
-#   CONTAINER      optional container image for srun (pyxis/enroot: --container-image)
+#   CONTAINER      optional container image for srun (pyxis/enroot: --container-image); set
+#                  PYTHON to the interpreter inside the image (e.g. PYTHON=python)
+#   MQK_ROOT       repository checkout (default: the sbatch submission directory)
 #   DRY_RUN=1      validate the recipe for NODES x GPUS_PER_NODE processes, build the model on the
 #                  meta device and print the srun command, without SLURM or GPUs
 set -euo pipefail
-source "$(dirname "$0")/common.sh"
+# sbatch runs a copy of this script from the spool directory: find the checkout from MQK_ROOT,
+# else the submission directory (submit from the repository root), else this file's location.
+launch_dir="$(dirname "$0")"
+if [ ! -f "$launch_dir/common.sh" ]; then
+  launch_dir="${MQK_ROOT:-${SLURM_SUBMIT_DIR:-.}}/examples/launch"
+fi
+[ -f "$launch_dir/common.sh" ] || {
+  echo "train_slurm.sh: cannot find examples/launch/common.sh; submit from the repository root or set MQK_ROOT" >&2
+  exit 2
+}
+source "$launch_dir/common.sh"
 [ -n "${CONFIG:-}" ] || die "set CONFIG to a recipe"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 NODES="${NODES:-${SLURM_NNODES:-2}}"
@@ -38,7 +50,10 @@ container=()
 if [ -n "${CONTAINER:-}" ]; then
   container=(--container-image "$CONTAINER" --container-mounts "$MQK_ROOT:$MQK_ROOT" --container-workdir "$MQK_ROOT")
 fi
-cmd=(srun --nodes "$NODES" --ntasks-per-node 1 "${container[@]}"
+# Since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task: pass it on explicitly.
+cpus=()
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then cpus=(--cpus-per-task "$SLURM_CPUS_PER_TASK"); fi
+cmd=(srun --nodes "$NODES" --ntasks-per-node 1 "${cpus[@]}" "${container[@]}"
   "$PYTHON" -m torch.distributed.run --nnodes "$NODES" --nproc-per-node "$GPUS_PER_NODE"
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${SLURM_JOB_ID:-dry-run}"
   -m megatron_qk.train "$CONFIG" "${SET[@]}")

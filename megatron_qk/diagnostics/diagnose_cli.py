@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"step {result['step']}: upper entropy {p['upper_entropy']:.3f}, upper logit "
                 f"{p['upper_logit']:.3f}, lower copy {p['lower_copy']:.4f}, ppl "
-                f"{a['base_ppl']:.2f} (+{a['qk']['ppl_increase']:.2f} with upper Q/K zeroed), "
+                f"{a['base_ppl']:.2f} ({a['qk']['ppl_increase']:+.2f} with upper Q/K zeroed), "
                 f"lambda_Q {loc['lambda_q']:.3f} lambda_K {loc['lambda_k']:.3f} "
                 f"R_P/|X|^2 {loc['rp_fraction']:.3f}"
             )

@@ -16,9 +16,12 @@ therefore take the immature subspace of upper layer ``l`` to be the dominant dir
 
 1. ``F`` (``[n, d]``): per token, the sum of the residual writes of all lower-half FFNs
    (``mlp(x) + bias``) on the held-out tokens.
-2. ``Y = J_l(F)``: ``F`` mapped through the linearisation of layer ``l``'s input norm at the
-   token's residual ``x`` -- LayerNorm: ``gamma * (f - mean(f)) / sqrt(var(x) + eps)``,
-   RMSNorm: ``gamma * f / sqrt(mean(x^2) + eps)`` -- so ``Y`` lives in the space ``W_S`` reads.
+2. ``Y = J_l(F)``: ``F`` mapped through the Jacobian of layer ``l``'s input norm at the
+   token's residual ``x`` (a JVP), so ``Y`` lives in the space ``W_S`` reads. With
+   ``u = (x - mean(x)) / s`` and ``s = sqrt(var(x) + eps)`` (LayerNorm; RMSNorm: ``u = x / s``,
+   ``s = sqrt(mean(x^2) + eps)``, no centring) and ``c(f) = f - mean(f)`` (RMSNorm: ``f``):
+   ``J f = gamma * (c(f) - u * mean(u * c(f))) / s``. The radial term matters: FFN writes are
+   correlated with the residual they are added to.
 3. ``P = V_r V_r^T`` with ``V_r`` the top-``r`` right singular vectors of ``Y`` (``rank``
    parameter, default the head dimension ``d_k``: one head's worth of directions).
 
@@ -60,6 +63,16 @@ def _inverse_scale(x: torch.Tensor, rmsnorm: bool, eps: float) -> torch.Tensor:
 
 def _centre(f: torch.Tensor, rmsnorm: bool) -> torch.Tensor:
     return f if rmsnorm else f - f.mean(-1, keepdim=True)
+
+
+def norm_jvp(
+    residual: torch.Tensor, f: torch.Tensor, gamma, eps: float, rmsnorm: bool
+) -> torch.Tensor:
+    """The input norm's Jacobian at ``residual`` (``[n, d]``) applied to ``f`` (``[n, d]``)."""
+    inv = _inverse_scale(residual, rmsnorm, eps)
+    u = _centre(residual, rmsnorm) * inv
+    cf = _centre(f, rmsnorm)
+    return gamma * (cf - u * (u * cf).mean(-1, keepdim=True)) * inv
 
 
 def _input_norm(layer) -> torch.nn.Module:
@@ -171,8 +184,8 @@ def locality_diagnostic(
             # Transformer Engine fuses the input norm into linear_qkv, whose input is the raw
             # residual: apply the norm here to get what W_Q / W_K read.
             x = gamma * _centre(residual, rmsnorm) * inv + beta.to(residual.device)
-        # The lower FFN writes as the norm's linearisation at this token's residual maps them.
-        basis = _top_subspace(gamma * _centre(writes, rmsnorm) * inv, rank)
+        # The lower FFN writes as the norm's Jacobian at this token's residual maps them.
+        basis = _top_subspace(norm_jvp(residual, writes, gamma, eps, rmsnorm), rank)
         wq, wk = qk_head_weights(layer.self_attention)
         x_p = x.double() @ basis
         per_layer[str(n)] = {
@@ -186,7 +199,7 @@ def locality_diagnostic(
 
     return {
         "rank": rank,
-        "estimator": "top singular subspace of lower-half FFN writes through the input norm",
+        "estimator": "top singular subspace of lower-half FFN writes through the input norm's JVP",
         "lambda_q": mean("lambda_q"),
         "lambda_k": mean("lambda_k"),
         "rp_fraction": mean("rp_fraction"),

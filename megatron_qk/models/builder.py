@@ -19,9 +19,9 @@ def padded_vocab_size(cfg: ExperimentConfig) -> int:
 def transformer_config_from(cfg: ExperimentConfig, bf16: bool = False, **overrides):
     """Megatron ``TransformerConfig`` for the recipe's model and parallel layout.
 
-    On CPU, weights are initialised on the CPU and the fused kernels (which need CUDA or
-    torch.compile) are off. ``bias_activation_fusion`` follows the recipe so compared arms use
-    the same GELU approximation.
+    Weights are always initialised on the CPU (layout-independent, reproducible); on CPU the
+    fused kernels (which need CUDA or torch.compile) are off. ``bias_activation_fusion`` follows
+    the recipe so compared arms use the same GELU approximation.
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -51,7 +51,11 @@ def transformer_config_from(cfg: ExperimentConfig, bf16: bool = False, **overrid
         bf16=bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
-        use_cpu_initialization=not on_gpu,
+        # Always initialise on the CPU: the per-layer seeds (specs.LayerSeededTransformerLayer)
+        # drive torch's global RNG, which only the CPU path uses; Megatron's GPU path draws from
+        # the model-parallel RNG tracker (seeded per TP rank), so a GPU-initialised model would
+        # depend on the layout and could not be rebuilt by `diagnose` for the displacement.
+        use_cpu_initialization=True,
         bias_activation_fusion=m.bias_activation_fusion,
         masked_softmax_fusion=False,
         bias_dropout_fusion=on_gpu,

@@ -123,8 +123,8 @@ def _layer_seeded_class():
         Stock Megatron draws all layers from one running RNG stream, so pipeline stage 2 starts
         from a different state than layer 3 of a one-stage model: PP=2 and PP=1 would train
         different models. Reseeding per layer makes the initial weights independent of the
-        pipeline layout (with CPU initialisation also of the TP layout), which is what lets
-        layouts be compared on the same weights.
+        pipeline layout and, with the CPU initialisation the builder always uses, of the TP
+        layout, which is what lets layouts be compared on the same weights.
         """
 
         def __init__(self, config, submodules, layer_number: int = 1, *, init_seed: int, **kw):

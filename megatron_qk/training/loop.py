@@ -257,7 +257,19 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss/perplexity on the fixed held-out batches."""
+        """Validation loss/perplexity (and the diag probes) on the fixed held-out batches.
+
+        The model is in eval mode for the duration (no dropout), then back in train mode.
+        """
+        for chunk in self.model_chunks:
+            chunk.eval()
+        try:
+            return self._evaluate()
+        finally:
+            for chunk in self.model_chunks:
+                chunk.train()
+
+    def _evaluate(self) -> dict:
         t = self.cfg.training
         losses = []
         for i in range(t.eval_iters):
@@ -384,7 +396,7 @@ class Trainer:
         )
         if resumed:
             bar.write(f"resumed from step {self.step} ({self.consumed_samples} samples)")
-        start_step = self.step
+        start_step = saved_at = self.step
         stop_at = self.planned_steps
         if t.exit_after_steps is not None:
             stop_at = min(stop_at, self.step + t.exit_after_steps)
@@ -403,11 +415,15 @@ class Trainer:
                     self._evaluate_and_log(sinks, bar)
                 if t.save_interval and self.step % t.save_interval == 0 and not is_last:
                     self.save()
-            if self.step > start_step:
+                    saved_at = self.step
+            if self.step > start_step and saved_at != self.step:
                 self.save()
         finally:
             bar.close()
             sinks.close()
+        if self.step == self.planned_steps and self.last_eval is None and t.eval_interval:
+            # Resumed from the final checkpoint of a run killed before its summary was written.
+            self.last_eval = self.evaluate()
         summary = self._summary()
         if info.is_logging_rank and self.step == self.planned_steps:
             write_summary(self.run_dir, summary)

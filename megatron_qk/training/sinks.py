@@ -24,6 +24,17 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _finite_or_null(value: Any) -> Any:
+    """NaN/inf floats as None (JSON null): strict JSON parsers reject bare ``NaN``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def truncate_metrics(path: Path, keep_through_step: int) -> int:
     """Drop lines with ``step > keep_through_step`` (those come after the resumed checkpoint).
 
@@ -96,7 +107,8 @@ class MetricsSinks:
         """Append one record (must have ``kind`` and ``step``) to every sink."""
         if not self.enabled:
             return
-        self._file.write(json.dumps(record, default=_json_default) + "\n")
+        line = json.dumps(_finite_or_null(record), default=_json_default, allow_nan=False)
+        self._file.write(line + "\n")
         self._file.flush()
         step = record["step"]
         scalars = {}
