@@ -124,24 +124,19 @@ def _train(out: Path, prefix: str, arm: str, args: argparse.Namespace) -> Path:
 
 def _diagnose(run_dir: Path) -> None:
     """Stage 4: every checkpoint of a run not yet in its diagnose.json."""
-    from megatron_qk.diagnostics.diagnose_cli import (
-        DEFAULT_OUT_NAME,
-        diagnose_checkpoint,
-        heldout_batches,
-        merge_results,
-    )
-    from megatron_qk.training.restore import load_checkpoint_for_analysis
+    from megatron_qk.diagnostics.diagnose_cli import DEFAULT_OUT_NAME, diagnose_checkpoints
+    from megatron_qk.training.checkpoint import list_checkpoints
 
-    out = run_dir / DEFAULT_OUT_NAME
-    done = set()
-    if out.exists():
-        done = {r["step"] for r in json.loads(out.read_text(encoding="utf-8"))["results"]}
-    for ckpt in sorted((run_dir / "checkpoints").glob("iter_???????")):
-        if int(ckpt.name.split("_")[1]) in done:
-            continue
-        loaded = load_checkpoint_for_analysis(ckpt)
-        batches = heldout_batches(loaded, None, num_sequences=8, batch_size=4)
-        merge_results(out, run_dir, [diagnose_checkpoint(loaded, batches, None, 128)])
+    diagnose_checkpoints(
+        list_checkpoints(run_dir / "checkpoints"),
+        run_dir,
+        run_dir / DEFAULT_OUT_NAME,
+        num_sequences=8,
+        batch_size=4,
+        chunk_size=128,
+        skip_done=True,
+        echo=None,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

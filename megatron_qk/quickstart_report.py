@@ -21,11 +21,6 @@ READOUTS = (
 )
 
 
-def _diag_lines(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in (json.loads(x) for x in lines if x.strip()) if r["kind"] == "diag"]
-
-
 def _world_size(run_dir: Path) -> int:
     import yaml
 
@@ -38,10 +33,12 @@ def _nearest(records: list[dict], frac: float) -> dict:
 
 
 def _readout_table(run_dirs: dict[str, Path], frac: float) -> list[str]:
+    from megatron_qk.analysis.plot import load_run
+
     header = "| Arm | step (frac) | " + " | ".join(label for _, label in READOUTS) + " |"
     lines = [header, "|---|---:|" + "---:|" * len(READOUTS)]
     for arm, run_dir in run_dirs.items():
-        rec = _nearest(_diag_lines(run_dir), frac)
+        rec = _nearest(load_run(run_dir).diag, frac)
         cells = " | ".join(
             "n/a" if rec.get(key) is None else f"{rec[key]:.4f}" for key, _ in READOUTS
         )

@@ -114,51 +114,101 @@ def heldout_batches(
     return batches
 
 
-def diagnose_checkpoint(loaded, batches, locality_rank: int | None, chunk_size: int) -> dict:
-    """Probes, ablation and locality of one loaded checkpoint."""
+def diagnose_checkpoint(loaded, batches, recorder, locality_rank: int | None) -> dict:
+    """Probes, ablation and locality of one loaded checkpoint.
+
+    Args:
+        loaded: the checkpoint (:class:`megatron_qk.training.restore.LoadedCheckpoint`).
+        batches: held-out batches (:func:`heldout_batches`).
+        recorder: an ``AttentionRecorder`` on ``loaded.model`` holding the run's initial Q/K.
+        locality_rank: rank of the immature subspace (None: the head dimension).
+    """
     from megatron_qk.diagnostics.ablation import upper_qk_ablation
     from megatron_qk.diagnostics.locality import locality_diagnostic
-    from megatron_qk.diagnostics.recorder import AttentionRecorder
-    from megatron_qk.training.restore import build_initial_model
 
     cfg, model = loaded.cfg, loaded.model
-    layers = cfg.model.num_layers
-    recorder = AttentionRecorder([model], layers, chunk_size)
-    initial = build_initial_model(cfg, loaded.device)
-    recorder.snapshot_initial_qk([initial])
-    del initial
     with torch.no_grad(), recorder.statistics():
         for batch in batches:
             recorder.set_tokens(batch["tokens"])
             model(batch["tokens"], batch["position_ids"], attention_mask=None)
     probes = recorder.reduce(loaded.device)
-    planned = cfg.planned_steps()
     return {
         "checkpoint": str(loaded.checkpoint),
         "step": loaded.step,
-        "frac": loaded.step / planned,
+        "frac": loaded.step / cfg.planned_steps(),
         "tokens": loaded.step * cfg.training.global_batch_size * cfg.model.seq_length,
         "arm": cfg.arm,
         "seed": cfg.training.seed,
         "sequences": sum(int(b["tokens"].shape[0]) for b in batches),
         "probes": probes,
         "ablation": upper_qk_ablation(model, recorder, batches),
-        "locality": locality_diagnostic(model, batches, layers, locality_rank),
+        "locality": locality_diagnostic(model, batches, cfg.model.num_layers, locality_rank),
     }
 
 
-def _checkpoints(path: Path, every: bool) -> list[Path]:
-    from megatron_qk.training.restore import resolve_checkpoint
-
-    ckpt, run_dir = resolve_checkpoint(path)
-    if not every:
-        return [ckpt]
-    found = sorted(
-        p
-        for p in (run_dir / "checkpoints").glob("iter_*")
-        if p.is_dir() and not p.name.endswith(".tmp") and (p / "train_state.pt").exists()
+def _summary_line(result: dict) -> str:
+    p, a, loc = result["probes"], result["ablation"], result["locality"]
+    return (
+        f"step {result['step']}: upper entropy {p['upper_entropy']:.3f}, upper logit "
+        f"{p['upper_logit']:.3f}, lower copy {p['lower_copy']:.4f}, ppl "
+        f"{a['base_ppl']:.2f} ({a['qk']['ppl_increase']:+.2f} with upper Q/K zeroed), "
+        f"lambda_Q {loc['lambda_q']:.3f} lambda_K {loc['lambda_k']:.3f} "
+        f"R_P/|X|^2 {loc['rp_fraction']:.3f}"
     )
-    return found
+
+
+def diagnose_checkpoints(
+    checkpoints: list[Path],
+    run_dir: Path,
+    out: Path,
+    data_prefix: str | None = None,
+    num_sequences: int = 16,
+    batch_size: int = 4,
+    locality_rank: int | None = None,
+    chunk_size: int = 256,
+    skip_done: bool = False,
+    echo=print,
+) -> list[dict]:
+    """Diagnose checkpoints of one run, merging each result into ``out`` as soon as it is done.
+
+    The model, the held-out batches and the initial Q/K weights (rebuilt from the recipe's seed)
+    are made once; later checkpoints are loaded into the same model.
+
+    Args:
+        skip_done: leave out checkpoints whose step ``out`` already holds.
+        echo: called with one summary line per checkpoint (None: silent).
+
+    Raises:
+        FileNotFoundError, ValueError: bad ``data_prefix`` (see :func:`heldout_batches`).
+    """
+    from tqdm import tqdm
+
+    from megatron_qk.diagnostics.recorder import AttentionRecorder
+    from megatron_qk.training.restore import (
+        build_initial_model,
+        load_checkpoint_for_analysis,
+        reload_weights,
+    )
+
+    if skip_done and out.exists():
+        done = {r["step"] for r in json.loads(out.read_text(encoding="utf-8"))["results"]}
+        checkpoints = [c for c in checkpoints if int(c.name.split("_")[1]) not in done]
+    results: list[dict] = []
+    loaded = recorder = batches = None
+    for ckpt in tqdm(checkpoints, desc="diagnose", unit="ckpt", disable=len(checkpoints) < 2):
+        if loaded is None:
+            loaded = load_checkpoint_for_analysis(ckpt)
+            batches = heldout_batches(loaded, data_prefix, num_sequences, batch_size)
+            recorder = AttentionRecorder([loaded.model], loaded.cfg.model.num_layers, chunk_size)
+            recorder.snapshot_initial_qk([build_initial_model(loaded.cfg, loaded.device)])
+        else:
+            loaded = reload_weights(loaded, ckpt)
+        result = diagnose_checkpoint(loaded, batches, recorder, locality_rank)
+        results.append(result)
+        merge_results(out, run_dir, [result])  # keep what is done if interrupted
+        if echo is not None:
+            echo(_summary_line(result))
+    return results
 
 
 def merge_results(out: Path, run_dir: Path, results: list[dict]) -> dict:
@@ -182,38 +232,31 @@ def merge_results(out: Path, run_dir: Path, results: list[dict]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Diagnose one or all checkpoints and merge the results into the output JSON."""
-    from tqdm import tqdm
-
+    from megatron_qk.training.checkpoint import list_checkpoints
     from megatron_qk.training.distributed import teardown_distributed
-    from megatron_qk.training.restore import load_checkpoint_for_analysis, resolve_checkpoint
+    from megatron_qk.training.restore import resolve_checkpoint
 
     if args.num_sequences < 1 or args.batch_size < 1:
         raise SystemExit("megatron-qk diagnose: --num-sequences and --batch-size must be >= 1")
     try:
-        _, run_dir = resolve_checkpoint(args.checkpoint)
-        checkpoints = _checkpoints(Path(args.checkpoint), args.all_checkpoints)
+        ckpt, run_dir = resolve_checkpoint(args.checkpoint)
     except FileNotFoundError as exc:
         raise SystemExit(f"megatron-qk diagnose: {exc}") from None
+    checkpoints = list_checkpoints(run_dir / "checkpoints") if args.all_checkpoints else [ckpt]
     out = Path(args.out) if args.out else run_dir / DEFAULT_OUT_NAME
-    results = []
     try:
-        for ckpt in tqdm(checkpoints, desc="diagnose", unit="ckpt", disable=len(checkpoints) < 2):
-            loaded = load_checkpoint_for_analysis(ckpt)
-            try:
-                batches = heldout_batches(loaded, args.data, args.num_sequences, args.batch_size)
-            except (FileNotFoundError, ValueError) as exc:
-                raise SystemExit(f"megatron-qk diagnose: {exc}") from None
-            result = diagnose_checkpoint(loaded, batches, args.locality_rank, args.chunk_size)
-            results.append(result)
-            merge_results(out, run_dir, [result])  # keep what is done if interrupted
-            p, a, loc = result["probes"], result["ablation"], result["locality"]
-            print(
-                f"step {result['step']}: upper entropy {p['upper_entropy']:.3f}, upper logit "
-                f"{p['upper_logit']:.3f}, lower copy {p['lower_copy']:.4f}, ppl "
-                f"{a['base_ppl']:.2f} ({a['qk']['ppl_increase']:+.2f} with upper Q/K zeroed), "
-                f"lambda_Q {loc['lambda_q']:.3f} lambda_K {loc['lambda_k']:.3f} "
-                f"R_P/|X|^2 {loc['rp_fraction']:.3f}"
-            )
+        results = diagnose_checkpoints(
+            checkpoints,
+            run_dir,
+            out,
+            args.data,
+            args.num_sequences,
+            args.batch_size,
+            args.locality_rank,
+            args.chunk_size,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"megatron-qk diagnose: {exc}") from None
     finally:
         teardown_distributed()
     print(f"wrote {out} ({len(results)} checkpoint(s))")

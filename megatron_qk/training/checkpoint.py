@@ -55,6 +55,15 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return path
 
 
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Every complete checkpoint under ``ckpt_root``, oldest first (``.tmp`` debris skipped)."""
+    return sorted(
+        p
+        for p in ckpt_root.glob("iter_*")
+        if p.is_dir() and not p.name.endswith(".tmp") and (p / "train_state.pt").exists()
+    )
+
+
 def _rng_state() -> dict[str, Any]:
     from megatron.core import tensor_parallel
 

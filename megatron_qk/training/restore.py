@@ -120,3 +120,12 @@ def load_checkpoint_for_analysis(
     annotate_param_roles(model)
     state = load_checkpoint(ckpt, [model], optimizer=None, restore_rng=False)
     return LoadedCheckpoint(cfg, model.eval(), state.step, ckpt, run_dir, device)
+
+
+def reload_weights(loaded: LoadedCheckpoint, path: Path) -> LoadedCheckpoint:
+    """Load another checkpoint of the same run into ``loaded.model`` (no rebuild)."""
+    from megatron_qk.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path, [loaded.model], optimizer=None, restore_rng=False)
+    loaded.model.eval()
+    return dataclasses.replace(loaded, step=state.step, checkpoint=path)
