@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_qk.analysis.compare_format import format_table
+from megatron_qk.training.sinks import read_metrics
 
 DEFAULT_CONTROL = "control"
 # Keys allowed to differ between compared runs: identity, location, logging, the keys that may
@@ -298,13 +299,11 @@ def load_run(run_dir: Path) -> Run:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise CompareError(f"{run_dir}: no metrics.jsonl")
-    for lineno, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise CompareError(f"{metrics}:{lineno}: invalid JSON line") from None
+    try:
+        records = read_metrics(metrics)
+    except ValueError as exc:
+        raise CompareError(str(exc)) from None
+    for rec in records:
         if rec.get("kind") == "eval":
             val = rec.get("val_loss")
             curve[int(rec["step"])] = (float(rec["tokens"]), math.nan if val is None else val)

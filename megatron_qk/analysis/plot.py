@@ -58,6 +58,7 @@ def load_run(path: Path) -> RunCurves:
         FileNotFoundError: when the directory has no metrics.jsonl.
     """
     from megatron_qk.config.loader import load_resolved_config
+    from megatron_qk.training.sinks import read_metrics
 
     metrics = path / "metrics.jsonl"
     if not metrics.exists():
@@ -68,13 +69,7 @@ def load_run(path: Path) -> RunCurves:
     maturity = [r for r in cfg.optim.rules if r.release == "maturity"]
     if maturity:
         run.maturity_threshold = maturity[0].threshold
-    for number, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{metrics}:{number}: not JSON ({exc})") from None
+    for rec in read_metrics(metrics):
         kind = rec.get("kind")
         if kind == "diag":
             run.diag.append(rec)

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from megatron_qk.optim.release import ENTROPY_FLOOR_NAME, ReleaseController, ReleaseEvent
+from megatron_qk.training.sinks import read_metrics
 
 PAPER_DEFAULTS = {"threshold": 0.005, "patience": 3, "min_frac": 0.03, "max_frac": 0.12}
 DEFAULT_RULE = "upper_qk"
@@ -189,14 +190,10 @@ def read_run_log(path: str | Path) -> RunLog:
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise ReplayError(f"{path}: no such metrics file")
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ReplayError(f"{path}:{lineno}: invalid JSON line") from None
+    try:
+        records = read_metrics(path)
+    except ValueError as exc:
+        raise ReplayError(str(exc)) from None
     scores = []
     for rec in records:
         if rec.get("kind") == "diag":
