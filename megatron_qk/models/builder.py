@@ -100,7 +100,10 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    use_te = use_transformer_engine(cfg.model)
+    # Meta-device builds use the local spec: TE modules under use_cpu_initialization copy a
+    # master weight into their own (transformer_engine.py:853, tensor_parallel/layers.py:189),
+    # which fails from meta. The parameter count does not depend on the implementation.
+    use_te = use_transformer_engine(cfg.model) and not meta_device
     block = build_block_spec(cfg.model, config, use_te, vp_stage=vp_stage, init_seed=init_seed)
     ctx = torch.device("meta") if meta_device else contextlib.nullcontext()
     with ctx:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from megatron_qk.config.schema import ModelConfig
 from megatron_qk.diagnostics.capture import capturing_core_attention
-from megatron_qk.models.split_qkv import SplitQKVLinear, _te_split_class
+from megatron_qk.models.split_qkv import SplitQKVLinear
 
 # Single source of truth for the FFN variants: (gated_linear_unit, activation_func).
 # GEGLU is the gated *exact* (erf) GELU, not Megatron's quick_gelu (--quick-geglu).
@@ -53,18 +53,36 @@ def use_transformer_engine(model_cfg: ModelConfig) -> bool:
     return usable
 
 
+# Canonical checkpoint names of the two pre-norms: those of Megatron's TE spec, where the norms
+# are fused into ``linear_qkv`` / ``linear_fc1``. The local spec maps its standalone norms to them
+# (gpt_layer_specs.py:417-418); the split-Q/K/V TE layer has a standalone input norm again and
+# needs the same mapping, so TE and local checkpoints share one key layout.
+INPUT_NORM_KEY_MAP = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+
+
+def te_spec_provider():
+    """Megatron's Transformer Engine backend (modules for norms, linears, attention)."""
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+    return TESpecProvider()
+
+
 def build_layer_spec(model_cfg: ModelConfig, use_te: bool):
-    """Transformer layer spec for ``model_cfg`` on the local or TE backend."""
+    """Transformer layer spec for ``model_cfg`` on the local or TE backend.
+
+    The TE spec takes no ``normalization`` argument: TE modules read LayerNorm vs RMSNorm from
+    ``TransformerConfig.normalization`` (the builder sets it from the recipe).
+    """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    norm = "RMSNorm" if model_cfg.normalization == "rmsnorm" else "LayerNorm"
     if use_te:
-        spec = get_gpt_layer_with_transformer_engine_spec(normalization=norm)
+        spec = get_gpt_layer_with_transformer_engine_spec()
     else:
+        norm = "RMSNorm" if model_cfg.normalization == "rmsnorm" else "LayerNorm"
         spec = get_gpt_layer_local_spec(normalization=norm)
     spec = copy.deepcopy(spec)
     attention = spec.submodules.self_attention.submodules
@@ -76,15 +94,14 @@ def build_layer_spec(model_cfg: ModelConfig, use_te: bool):
         attention.core_attention = capturing_core_attention(core)
     if not model_cfg.split_qkv:
         return spec
+    # Both backends use the same SplitQKVLinear: one GEMM on the re-interleaved weight with
+    # Megatron's own TP/SP communication (one all-gather), see docs/TRAPS.md. TE fuses the input
+    # norm into linear_qkv (TELayerNormColumnParallelLinear); the split layer needs it standalone.
+    attention.linear_qkv = SplitQKVLinear
     if use_te:
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        # TE fuses the input norm into linear_qkv (TELayerNormColumnParallelLinear); with three
-        # projections the norm must stand alone again.
-        spec.submodules.input_layernorm = TENorm
-        attention.linear_qkv = _te_split_class()
-    else:
-        attention.linear_qkv = SplitQKVLinear
+        spec.submodules.input_layernorm = te_spec_provider().layer_norm()
+        keys_map = dict(spec.submodules.sharded_state_dict_keys_map or {})
+        spec.submodules.sharded_state_dict_keys_map = {**keys_map, **INPUT_NORM_KEY_MAP}
     return spec
 
 
@@ -95,9 +112,7 @@ def final_norm_class(model_cfg: ModelConfig, use_te: bool):
     ``normalization``; apex's FusedLayerNorm rejects RMSNorm, so the choice is made here.
     """
     if use_te:
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        return TENorm
+        return te_spec_provider().layer_norm()
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     if model_cfg.normalization == "layernorm":

@@ -29,9 +29,6 @@ class SplitQKVLinear(MegatronModule):
     ``linear_v.weight`` ``[ng*hn/tp, h]`` (plus biases when enabled).
     """
 
-    #: Column-parallel linear class used for the three projections (TE subclass overrides).
-    linear_cls = ColumnParallelLinear
-
     def __init__(
         self,
         input_size: int,
@@ -76,36 +73,36 @@ class SplitQKVLinear(MegatronModule):
             is_expert=False,
             tp_group=tp_group,
         )
-        self.linear_q = self.linear_cls(
+        self.linear_q = ColumnParallelLinear(
             input_size, heads * head_dim, tp_comm_buffer_name=f"{tp_comm_buffer_name}_q", **common
         )
-        self.linear_k = self.linear_cls(
+        self.linear_k = ColumnParallelLinear(
             input_size, groups * head_dim, tp_comm_buffer_name=f"{tp_comm_buffer_name}_k", **common
         )
-        self.linear_v = self.linear_cls(
+        self.linear_v = ColumnParallelLinear(
             input_size, groups * head_dim, tp_comm_buffer_name=f"{tp_comm_buffer_name}_v", **common
         )
-        self.fused_runner = None
-        if self.linear_cls is ColumnParallelLinear:
-            # One GEMM on the re-interleaved weight instead of three GEMMs and an output concat:
-            # the same computation as the stock fused projection, at its speed. The runner owns
-            # no parameters; it supplies Megatron's TP/SP communication around the GEMM.
-            self.fused_runner = ColumnParallelLinear(
-                input_size,
-                output_size,
-                config=config,
-                init_method=init_method,
-                gather_output=False,
-                bias=False,
-                skip_bias_add=False,
-                is_expert=False,
-                skip_weight_param_allocation=True,
-                tp_comm_buffer_name=tp_comm_buffer_name,
-                tp_group=tp_group,
-            )
-            # The interleaved weight is a fresh tensor without ``main_grad``; the fused wgrad
-            # kernel would write there. Autograd routes its gradient to linear_q/k/v instead.
-            self.fused_runner.gradient_accumulation_fusion = False
+        # The three projections only hold parameters (Megatron's local class on both backends, so
+        # TE and local checkpoints have one key layout). Forward runs one GEMM on the
+        # re-interleaved weight instead of three GEMMs and an output concat: the stock fused
+        # projection's computation and cost, with one sequence-parallel all-gather. The runner
+        # owns no parameters; it supplies Megatron's TP/SP communication around the GEMM.
+        self.fused_runner = ColumnParallelLinear(
+            input_size,
+            output_size,
+            config=config,
+            init_method=init_method,
+            gather_output=False,
+            bias=False,
+            skip_bias_add=False,
+            is_expert=False,
+            skip_weight_param_allocation=True,
+            tp_comm_buffer_name=tp_comm_buffer_name,
+            tp_group=tp_group,
+        )
+        # The interleaved weight is a fresh tensor without ``main_grad``; the fused wgrad kernel
+        # would write there. Autograd routes its gradient to linear_q/k/v instead.
+        self.fused_runner.gradient_accumulation_fusion = False
 
     def _interleave(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Rows (or bias entries) of this rank's Q, K, V in the fused group-major order."""
@@ -140,17 +137,6 @@ class SplitQKVLinear(MegatronModule):
     def backward_dw(self) -> None:
         """Delayed weight-gradient hook of the LinearQkv protocol (nothing is delayed here)."""
         return None
-
-
-def _te_split_class():
-    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
-
-    class TESplitQKVLinear(SplitQKVLinear):
-        """:class:`SplitQKVLinear` built from Transformer Engine column-parallel linears."""
-
-        linear_cls = TEColumnParallelLinear
-
-    return TESplitQKVLinear
 
 
 def fused_qkv_to_split(

@@ -24,6 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_qk.models.checkpoint_layout import (
+    canonical_sharded_state_dict,
+    load_canonical_state_dict,
+)
+
 logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest"
@@ -105,10 +110,30 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 def _model_sharded_state_dict(model_chunks: list) -> dict:
     # Keys come from the bare model so checkpoints do not depend on the wrappers in use
     # (DDP, Float16Module for bf16) and load into any of them.
+    # The canonical layout (no _extra_state) is shared by the TE and local implementations.
     bare = [unwrap_model(m) for m in model_chunks]
     if len(bare) == 1:
-        return {"model": bare[0].sharded_state_dict()}
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(bare)}
+        return {"model": canonical_sharded_state_dict(bare[0])}
+    return {f"model{i}": canonical_sharded_state_dict(m) for i, m in enumerate(bare)}
+
+
+def force_param_sync(model_chunks: list) -> int:
+    """All-gather updated parameters now on chunks that defer it (``overlap_param_gather``).
+
+    With ``overlap_param_gather`` the distributed optimizer skips the all-gather at step time
+    (distrib_optimizer.py:2617) and the next forward pre-hook runs it, so a save right after
+    ``optimizer.step()`` would write stale weights. Megatron-LM forces the sync before saving.
+
+    Returns:
+        How many chunks were synchronised.
+    """
+    synced = 0
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+            synced += 1
+    return synced
 
 
 @dataclass
@@ -143,6 +168,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)  # debris of an interrupted save
         tmp.mkdir()
     _barrier()
+    force_param_sync(model_chunks)
     sharded = _model_sharded_state_dict(model_chunks)
     sharded["optimizer"] = optimizer.sharded_state_dict(
         sharded, is_loading=False, metadata=OPTIMIZER_CKPT_METADATA
@@ -197,10 +223,10 @@ def load_checkpoint(
     loaded = dist_checkpointing.load(sharded, str(path))
     bare = [unwrap_model(m) for m in model_chunks]
     if len(bare) == 1:
-        bare[0].load_state_dict(loaded["model"])
+        load_canonical_state_dict(bare[0], loaded["model"])
     else:
         for i, m in enumerate(bare):
-            m.load_state_dict(loaded[f"model{i}"])
+            load_canonical_state_dict(m, loaded[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     raw = torch.load(path / "train_state.pt", weights_only=False)

@@ -42,6 +42,7 @@ def dry_run(cfg: ExperimentConfig) -> dict:
 
     from megatron_qk.models.builder import build_gpt_model, padded_vocab_size
     from megatron_qk.models.params import count_parameters, expected_parameter_count
+    from megatron_qk.models.specs import build_layer_spec, use_transformer_engine
     from megatron_qk.training.restore import single_process_config
 
     single = single_process_config(cfg)
@@ -50,6 +51,10 @@ def dry_run(cfg: ExperimentConfig) -> dict:
     saved = {k: os.environ.pop(k, None) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     setup_distributed(single)
     try:
+        if use_transformer_engine(single.model):
+            # The meta build below uses the local spec; the TE spec is still built (no modules,
+            # no allocation), so a wrong call into the TE spec fails here, before torchrun.
+            build_layer_spec(single.model, use_te=True)
         model = build_gpt_model(single, meta_device=True)
         counts = count_parameters(model)
         expected = expected_parameter_count(single.model, padded_vocab_size(single))

@@ -115,7 +115,9 @@ class Trainer:
         self.bf16 = cfg.training.precision == "bf16" or (
             cfg.training.precision == "auto" and torch.cuda.is_available()
         )
-        self.tf_config = transformer_config_from(cfg, bf16=self.bf16)
+        from megatron_qk.models.speed import training_speed_flags
+
+        self.tf_config = transformer_config_from(cfg, bf16=self.bf16, **training_speed_flags())
         model = build_gpt_model(cfg, config=self.tf_config, init_seed=cfg.training.seed)
         annotate_param_roles(model)
         if torch.cuda.is_available():

@@ -113,9 +113,9 @@ def load_checkpoint_for_analysis(
 
     ckpt, run_dir = resolve_checkpoint(path)
     cfg = single_process_config(load_resolved_config(run_dir / "config.yaml"))
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ensure_single_process(cfg)
+    # After the process group (setup_distributed selects LOCAL_RANK's GPU), before the build.
+    device = select_device(device)
     model = build_initial_model(cfg, device)
     annotate_param_roles(model)
     state = load_checkpoint(ckpt, [model], optimizer=None, restore_rng=False)
@@ -129,3 +129,20 @@ def reload_weights(loaded: LoadedCheckpoint, path: Path) -> LoadedCheckpoint:
     state = load_checkpoint(path, [loaded.model], optimizer=None, restore_rng=False)
     loaded.model.eval()
     return dataclasses.replace(loaded, step=state.step, checkpoint=path)
+
+
+def select_device(device: torch.device | str | None = None) -> torch.device:
+    """Resolve ``device`` (default: CUDA when available, else CPU) and make it current.
+
+    Megatron places tensors on ``torch.cuda.current_device()`` rather than on the module's
+    device (RoPE's ``inv_freq``, rotary_pos_embedding.py:161-162), so a model meant for
+    ``cuda:N`` must be built and run with ``cuda:N`` as the current device.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
+    return device

@@ -54,6 +54,10 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         cmd += ["--set", item]
     from torch.distributed.run import main as torchrun_main
 
+    from megatron_qk.models.speed import set_cuda_device_max_connections
+
+    set_cuda_device_max_connections()  # inherited by every worker
+
     torchrun_main(cmd)
     return 0
 
