@@ -314,6 +314,11 @@ class TrainingConfig:
     exit_after_steps: int | None = None
     # Log a train line every N steps.
     log_interval: int = 1
+    # Write a torch.profiler trace of these optimizer steps [first, last] (1-based, inclusive)
+    # to <output_dir>/profile/; null = no profiling.
+    profile_steps: list[int] | None = None
+    # Global ranks that write a trace when profile_steps is set.
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "micro_batch_size", "eval_iters", "log_interval"):
@@ -328,6 +333,12 @@ class TrainingConfig:
             raise ConfigError("train_steps", f"must be >= 1, got {self.train_steps}")
         if self.train_tokens is not None and self.train_tokens < 1:
             raise ConfigError("train_tokens", f"must be >= 1, got {self.train_tokens}")
+        if self.profile_steps is not None:
+            steps = self.profile_steps
+            if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+                raise ConfigError(
+                    "profile_steps", f"must be [first, last] with 1 <= first <= last, got {steps}"
+                )
 
 
 @dataclass
@@ -340,6 +351,13 @@ class LoggingConfig:
     wandb_project: str = "megatron-qk"
     # Rank-0 progress bar (loss, tokens/s, ETA) on stderr.
     progress_bar: bool = True
+    # Dense bf16 peak of one GPU in TFLOP/s, the denominator of the logged MFU (H100/H200 SXM:
+    # 989; see docs/THROUGHPUT.md).
+    peak_tflops_per_gpu: float = 989.0
+
+    def __post_init__(self) -> None:
+        if not self.peak_tflops_per_gpu > 0:
+            raise ConfigError("peak_tflops_per_gpu", f"must be > 0, got {self.peak_tflops_per_gpu}")
 
 
 @dataclass

@@ -165,6 +165,11 @@ class Trainer:
         )
         if cfg.optim.entropy_floor.enabled:
             check_entropy_floor_layout(cfg)
+        from megatron_qk.models.builder import padded_vocab_size
+        from megatron_qk.training.throughput import StepProfiler, ThroughputMeter
+
+        self.throughput = ThroughputMeter(cfg, padded_vocab_size(cfg), info.world_size)
+        self.profiler = StepProfiler(cfg, info.rank, self.run_dir)
 
     # ----------------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
@@ -247,6 +252,7 @@ class Trainer:
             "tokens_per_second": tokens / elapsed,
             "step_seconds": elapsed,
         }
+        record.update(self.throughput.fields(elapsed))  # tokens/s, TFLOP/s/GPU, MFU, memory
         for name, factor in multipliers.items():
             record[f"mult/{name}"] = factor
         return record
@@ -406,7 +412,9 @@ class Trainer:
             if self.step == 0 and t.eval_interval:
                 self._evaluate_and_log(sinks, bar)
             while self.step < stop_at:
+                self.profiler.before_step(self.step + 1)
                 record = self.train_step()
+                self.profiler.after_step(self.step)
                 for rec in self._event_records(self.scheduler.pop_events()):
                     sinks.write(rec)
                 if self.step % t.log_interval == 0 or self.step == stop_at:
@@ -421,6 +429,7 @@ class Trainer:
             if self.step > start_step and saved_at != self.step:
                 self.save()
         finally:
+            self.profiler.close()
             bar.close()
             sinks.close()
         if self.step == self.planned_steps and self.last_eval is None and t.eval_interval:
