@@ -1,14 +1,16 @@
 """Step time of megatron-qk's control-arm model vs a stock Megatron-Core GPTModel of the same size.
 
-Both models are built in one process from the same ``TransformerConfig``: ours through
-``build_gpt_model`` (split Q/K/V projection, explicit final norm, per-layer init seeds), the anchor
-as ``GPTModel(config, get_gpt_layer_local_spec())`` (or the TE spec on GPU), exactly as a
-Megatron-Core user would write it. A step is forward + backward + AdamW on one micro-batch. The
-two models alternate, warm-up steps are discarded and the median of the timed steps is reported;
-the ratio ours/stock is the figure to record (target <= 1.02).
+Both models are built in one process, each from its own ``TransformerConfig`` of the same recipe:
+ours through ``build_gpt_model`` (split Q/K/V projection, explicit final norm, per-layer init
+seeds), the anchor as ``GPTModel(config, get_gpt_layer_local_spec())`` (the TE spec where
+Transformer Engine is in use), as a Megatron-Core user would write it. A step is the training
+step (``benchmarks/training_step.py``: Float16Module in bf16, Megatron DDP, the recipe's Megatron
+optimizer with fp32 master weights, Megatron's schedule) on one micro-batch. The two models
+alternate, warm-up steps are discarded and the median of the timed steps is reported; the ratio
+ours/stock is the figure to record (target <= 1.02).
 
-On CUDA the script also reports tokens/s and model FLOPs utilisation (6·N·T plus attention
-FLOPs, against ``--peak-tflops``, default 989 for H100 SXM bf16 dense).
+Tokens/s, model TFLOP/s and MFU use Megatron-LM's FLOPs formula (``megatron_qk.models.flops``,
+docs/THROUGHPUT.md) against ``--peak-tflops`` (default 989, H100/H200 SXM dense bf16).
 
 Usage::
 
@@ -24,12 +26,11 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: benchmarks, megatron_qk
 
 CPU_DEFAULTS = (
     "model.num_layers=4",
@@ -40,7 +41,7 @@ CPU_DEFAULTS = (
 )
 
 
-def _parse() -> argparse.Namespace:
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default=None, help="recipe or preset (default: tiny, widened)")
     p.add_argument("--set", action="append", default=[], help="override, e.g. model.ffn=swiglu")
@@ -49,73 +50,25 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per model")
     p.add_argument("--bf16", action="store_true", help="bf16 params (GPU)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
-    return p.parse_args()
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _stock_model(cfg, config):
-    """The anchor: Megatron-Core's own spec, no megatron-qk code in the model."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-
-    from megatron_qk.models.builder import padded_vocab_size
-    from megatron_qk.models.specs import use_transformer_engine
-
-    norm = "RMSNorm" if cfg.model.normalization == "rmsnorm" else "LayerNorm"
-    if use_transformer_engine(cfg.model):
-        spec = get_gpt_layer_with_transformer_engine_spec(normalization=norm)
-    else:
-        spec = get_gpt_layer_local_spec(normalization=norm)
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=padded_vocab_size(cfg),
-        max_sequence_length=cfg.model.seq_length,
-        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
-        position_embedding_type="rope",
-        rotary_base=cfg.model.rotary_base,
-    )
-
-
-def _step_fn(model, cfg, micro_batch: int, device):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    g = torch.Generator().manual_seed(0)
-    shape = (micro_batch, cfg.model.seq_length)
-    tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=g).to(device)
-    labels = torch.randint(0, cfg.model.vocab_size, shape, generator=g).to(device)
-    pos = torch.arange(cfg.model.seq_length, device=device).expand(micro_batch, -1)
-
-    def step() -> float:
-        _sync()
-        start = time.perf_counter()
-        loss = model(tokens, pos, attention_mask=None, labels=labels).float().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync()
-        return time.perf_counter() - start
-
-    return step
-
-
-def _flops_per_token(cfg, n_params_non_embedding: int) -> float:
-    m = cfg.model
-    attention = 12 * m.num_layers * m.hidden_size * m.seq_length  # QK^T and AV, fwd+bwd
-    return 6 * n_params_non_embedding + attention
+    return p.parse_args(argv)
 
 
 def main() -> None:
-    args = _parse()
+    print(json.dumps(measure(_parse()), indent=2))
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Build both models, time their training steps, return the JSON record."""
+    from benchmarks.training_step import stock_gpt_model, training_step
     from megatron_qk.config.loader import load_config
-    from megatron_qk.models.builder import build_gpt_model, transformer_config_from
+    from megatron_qk.models.builder import (
+        build_gpt_model,
+        padded_vocab_size,
+        transformer_config_from,
+    )
+    from megatron_qk.models.flops import flops_per_token, throughput_fields
     from megatron_qk.models.params import count_parameters
+    from megatron_qk.models.specs import use_transformer_engine
     from megatron_qk.training.distributed import setup_distributed, teardown_distributed
 
     overrides = list(args.set)
@@ -125,51 +78,56 @@ def main() -> None:
     os.environ.pop("WORLD_SIZE", None)
     setup_distributed(cfg)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    config = transformer_config_from(cfg, bf16=args.bf16)
-    ours = build_gpt_model(cfg, config=config, init_seed=cfg.training.seed).to(device)
-    stock = _stock_model(cfg, config).to(device)
+    use_te = use_transformer_engine(cfg.model)
+    ours_config = transformer_config_from(cfg, bf16=args.bf16)
+    stock_config = transformer_config_from(cfg, bf16=args.bf16)
+    ours = build_gpt_model(cfg, config=ours_config, init_seed=cfg.training.seed)
+    stock = stock_gpt_model(cfg, stock_config, use_te)
     n_ours = count_parameters(ours)
     n_stock = count_parameters(stock)
     assert n_ours["total"] == n_stock["total"], (n_ours, n_stock)
     steps = {
-        "ours": _step_fn(ours, cfg, args.micro_batch, device),
-        "stock": _step_fn(stock, cfg, args.micro_batch, device),
+        "ours": training_step(cfg, ours, ours_config, args.micro_batch, device),
+        "stock": training_step(cfg, stock, stock_config, args.micro_batch, device),
     }
     times: dict[str, list[float]] = {"ours": [], "stock": []}
     for i in range(args.warmup + args.steps):
         order = ("ours", "stock") if i % 2 == 0 else ("stock", "ours")
         for name in order:
-            t = steps[name]()
+            seconds, _ = steps[name]()
             if i >= args.warmup:
-                times[name].append(t)
+                times[name].append(seconds)
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = args.micro_batch * cfg.model.seq_length
+    flops = flops_per_token(cfg.model, padded_vocab_size(cfg))
     result = {
         "benchmark": "step_time",
-        "anchor": "stock megatron.core GPTModel, same TransformerConfig",
+        "anchor": "stock megatron.core GPTModel, same recipe, same training step",
         "preset": args.preset or "tiny+cpu-defaults",
         "overrides": overrides,
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
         else platform.processor() or platform.machine(),
+        "impl": "te" if use_te else "local",
         "threads": torch.get_num_threads(),
         "dtype": "bf16" if args.bf16 else "fp32",
         "params": n_ours["total"],
         "micro_batch": args.micro_batch,
         "seq_length": cfg.model.seq_length,
         "steps": args.steps,
+        "flops_per_token": flops,
+        "peak_tflops": args.peak_tflops,
         "ours_ms": round(med["ours"] * 1e3, 3),
         "stock_ms": round(med["stock"] * 1e3, 3),
         "ratio_ours_over_stock": round(med["ours"] / med["stock"], 4),
-        "ours_tokens_per_s": round(tokens / med["ours"], 1),
-        "stock_tokens_per_s": round(tokens / med["stock"], 1),
     }
-    if device.type == "cuda":
-        flops = _flops_per_token(cfg, n_ours["total"] - n_ours["embedding"])
-        result["ours_mfu"] = round(flops * tokens / med["ours"] / (args.peak_tflops * 1e12), 4)
-        result["stock_mfu"] = round(flops * tokens / med["stock"] / (args.peak_tflops * 1e12), 4)
-    print(json.dumps(result, indent=2))
+    for name in ("ours", "stock"):
+        fields = throughput_fields(tokens, med[name], flops, 1, args.peak_tflops)
+        result[f"{name}_tokens_per_s"] = round(fields["tokens_per_second"], 1)
+        result[f"{name}_tflops"] = float(f"{fields['tflops_per_gpu']:.4g}")
+        result[f"{name}_mfu"] = float(f"{fields['mfu']:.4g}")
     teardown_distributed()
+    return result
 
 
 if __name__ == "__main__":

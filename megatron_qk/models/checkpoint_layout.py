@@ -46,3 +46,26 @@ def load_canonical_state_dict(model: torch.nn.Module, state: dict) -> None:
             f"checkpoint does not match the model: missing {missing[:8]}, "
             f"unexpected {unexpected[:8]}"
         )
+
+
+def canonical_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's tensors by canonical checkpoint key (the global key of each sharded entry)."""
+    return {v.key: v.data for v in canonical_sharded_state_dict(model).values()}
+
+
+@torch.no_grad()
+def copy_canonical_weights(src: torch.nn.Module, dst: torch.nn.Module) -> int:
+    """Copy every weight of ``src`` into ``dst`` by canonical key (TE <-> local, one process).
+
+    Returns:
+        The number of tensors copied.
+
+    Raises:
+        KeyError: the two models do not have the same canonical keys.
+    """
+    source, target = canonical_tensors(src), canonical_tensors(dst)
+    if set(source) != set(target):
+        raise KeyError(f"canonical keys differ: {sorted(set(source) ^ set(target))[:8]}")
+    for key, tensor in target.items():
+        tensor.copy_(source[key])
+    return len(target)
