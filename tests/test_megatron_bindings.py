@@ -308,7 +308,7 @@ def test_the_guard_catches_a_wrong_keyword_and_config_field(tmp_path):
     assert any("normalization" in e for e in errors), errors
     assert any("bogus_flag" in e for e in errors), errors
     assert any("config.not_a_field" in e for e in errors), errors
-    assert not any("num_query_groups" in e for e in errors), errors
+    assert not any("config.num_query_groups" in e for e in errors), errors
     assert len(errors) == 3, errors
 
 

@@ -23,6 +23,10 @@ RESUME_FREE_KEYS = {
     "logging.tensorboard",
     "logging.wandb",
     "logging.wandb_project",
+    # Observation only: they do not change what is trained.
+    "logging.peak_tflops_per_gpu",
+    "training.profile_steps",
+    "training.profile_ranks",
 }
 
 
