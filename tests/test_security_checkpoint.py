@@ -121,3 +121,27 @@ def test_latest_marker_cannot_point_outside_the_checkpoint_root(saved, tmp_path)
     (root / "latest").write_text("../../elsewhere/iter_0000003\n")
     with pytest.raises(RuntimeError, match="not a checkpoint"):
         latest_checkpoint(root)
+
+
+def test_extra_state_that_transformer_engine_would_unpickle_is_refused(tmp_path):
+    """TE's set_extra_state runs pickle.loads on a non-empty ``_extra_state`` byte tensor."""
+    from megatron_qk.training.safe_load import check_extra_states
+
+    def as_tensor(data: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    marker = tmp_path / "pwned"
+    genuine = {
+        "model": {
+            "decoder.layers.0.mlp.linear_fc1._extra_state": None,
+            "decoder.layers.0.self_attention.linear_proj._extra_state": torch.empty(0),
+            "decoder.layers.1.mlp.linear_fc1._extra_state": as_tensor(pickle.dumps(None)),
+            "decoder.layers.1.mlp.linear_fc1.weight": torch.ones(2),
+        }
+    }
+    check_extra_states(genuine, tmp_path)
+    hostile = {"model": {"decoder.layers.0.mlp.linear_fc2._extra_state": as_tensor(
+        payload_bytes(marker))}}  # fmt: skip
+    with pytest.raises(UnsafeCheckpointError, match=r"linear_fc2\._extra_state holds a pickled"):
+        check_extra_states(hostile, tmp_path)
+    assert not marker.exists()

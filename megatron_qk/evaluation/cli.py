@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         evaluate_checkpoint,
         parse_task_list,
     )
+    from megatron_qk.training.safe_load import UnsafeCheckpointError
 
     if args.batch_size < 1:
         print("eval: error: --batch-size must be >= 1", file=sys.stderr)
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
             bootstrap_iters=args.bootstrap_iters,
             trust_task_code=args.trust_task_code,
         )
-    except (FileNotFoundError, EvalError, TokenizerError, ConfigError) as e:
+    except (FileNotFoundError, EvalError, TokenizerError, ConfigError, UnsafeCheckpointError) as e:
         print(f"eval: error: {e}", file=sys.stderr)
         return 1
     out = (

@@ -25,7 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_qk.training.safe_load import check_dist_checkpoint, load_state_file
+from megatron_qk.training.safe_load import (
+    check_dist_checkpoint,
+    check_extra_states,
+    load_state_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +207,7 @@ def load_checkpoint(
         )
     check_dist_checkpoint(path)  # before Megatron's loader unpickles anything from it
     loaded = dist_checkpointing.load(sharded, str(path))
+    check_extra_states(loaded, path)  # before TE's set_extra_state could unpickle any of it
     bare = [unwrap_model(m) for m in model_chunks]
     if len(bare) == 1:
         bare[0].load_state_dict(loaded["model"])

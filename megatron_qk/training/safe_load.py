@@ -32,7 +32,7 @@ METADATA_FILE = ".metadata"
 COMMON_FILE = "common.pt"
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(ValueError):
     """A checkpoint file holds something other than plain data (or is not a checkpoint file)."""
 
 
@@ -230,3 +230,47 @@ def check_dist_checkpoint(ckpt_dir: Path) -> None:
     common = ckpt_dir / COMMON_FILE
     if common.exists():
         load_state_file(common)
+
+
+# ---------------------------------------------------------------------------------------------
+# Module extra state handed to load_state_dict
+
+# Opcodes of a pickled ``None`` (any protocol): the only pickle an extra state may hold.
+_NONE_PICKLE_OPS = frozenset({"PROTO", "FRAME", "NONE", "STOP"})
+
+
+def _extra_state_items(state: Any, prefix: str = ""):
+    if isinstance(state, dict):
+        for key, value in state.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if name.endswith("_extra_state"):
+                yield name, value
+            else:
+                yield from _extra_state_items(value, name)
+
+
+def check_extra_states(state: Any, source: Path) -> None:
+    """Refuse module extra states that Transformer Engine would unpickle.
+
+    TE's ``set_extra_state`` restores FP8 metadata by ``pickle.loads`` of its ``_extra_state``
+    byte tensor. megatron-qk trains without FP8, so a genuine extra state is ``None``, an empty
+    tensor or the pickle of ``None``; anything else is refused before ``load_state_dict``.
+
+    Raises:
+        UnsafeCheckpointError: naming the checkpoint and the key.
+    """
+    import pickletools
+
+    for name, value in _extra_state_items(state):
+        if not isinstance(value, torch.Tensor) or value.numel() == 0:
+            continue
+        payload = value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        try:
+            ops = {op.name for op, _, _ in pickletools.genops(payload)}
+        except Exception:  # noqa: BLE001 - not even a pickle: still nothing TE may unpickle
+            ops = {"<unparsable>"}
+        if not ops <= _NONE_PICKLE_OPS:
+            raise UnsafeCheckpointError(
+                f"refusing {source}: {name} holds a pickled object (FP8 state, which megatron-qk "
+                "never writes); Transformer Engine would unpickle it on load"
+            )
