@@ -42,8 +42,12 @@ def stack_changes(before: dict, after: dict) -> list[str]:
 
 def te_version_problem(stack: dict, te_range: str) -> str | None:
     """Why the installed Transformer Engine does not satisfy ``te_range`` (None when it does)."""
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
+    try:
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import Version
+    except ImportError:  # an image without packaging still has pip's vendored copy
+        from pip._vendor.packaging.specifiers import SpecifierSet
+        from pip._vendor.packaging.version import Version
 
     te = stack.get("transformer-engine") or stack.get("transformer-engine-torch")
     if te is None:

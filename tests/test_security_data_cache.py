@@ -97,3 +97,6 @@ def test_private_cache_path_for_a_foreign_run_directory(tmp_path, monkeypatch):
     path = Path(prepare_cache_dir(None, run_dir))
     assert path.parent == tmp_path / "xdg" / "megatron-qk" / "data_cache"
     assert path.name.startswith("their_run-") and (path.stat().st_mode & 0o777) == 0o700
+    # The cache_dir named by their recipe is not used either.
+    assert Path(prepare_cache_dir(str(tmp_path / "their_cache"), run_dir)) == path
+    assert not (tmp_path / "their_cache").exists()

@@ -6,9 +6,10 @@ header. A cache directory someone else can write to, or one that came with a cop
 directory, is therefore code. :func:`prepare_cache_dir` decides where the cache lives and checks
 it before any dataset is built:
 
-- ``data.cache_dir`` when the recipe sets one; otherwise ``<run_dir>/data_cache`` when the run
-  directory is the user's own, else (``diagnose``/``eval`` on someone else's run) a private
-  directory under ``$XDG_CACHE_HOME/megatron-qk/data_cache/`` keyed by the run directory's path;
+- for a run directory that is not the user's (``diagnose``/``eval`` of someone else's run), a
+  private directory under ``$XDG_CACHE_HOME/megatron-qk/data_cache/`` keyed by the run
+  directory's path; otherwise ``data.cache_dir`` when the recipe sets one, else
+  ``<run_dir>/data_cache``;
 - the directory is created ``0700``; it must be a real directory owned by the user and not
   writable by group or others;
 - every ``*.npy`` in it must be a regular file (not a link) with a numpy header whose dtype holds
@@ -113,15 +114,17 @@ def prepare_cache_dir(configured: str | None, run_dir: str | Path, uid: int | No
     """
     uid = os.getuid() if uid is None else uid
     run_dir = Path(run_dir)
-    if configured:
-        path = Path(configured)
-    elif _owned_by(run_dir, uid):
-        path = run_dir / "data_cache"
-    else:
+    if not _owned_by(run_dir, uid):
+        # diagnose/eval of someone else's run: neither its data_cache/ nor the cache_dir its
+        # recipe names is ours to trust.
         key = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
         root = private_cache_root()
         ensure_private_dir(root, uid, field="data")
         path = root / f"{run_dir.name}-{key}"
+    elif configured:
+        path = Path(configured)
+    else:
+        path = run_dir / "data_cache"
     ensure_private_dir(path, uid)
     for entry in sorted(path.iterdir()):
         if entry.name.endswith(".npy"):
