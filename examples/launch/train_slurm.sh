@@ -6,8 +6,11 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --exclusive
 #SBATCH --output=slurm-%x-%j.out
-# Multi-node training: srun starts one torchrun per node; torchrun's c10d rendezvous on the first
-# node of the allocation starts GPUS_PER_NODE processes on each.
+# Multi-node training: srun starts one torchrun per node; a static rendezvous (node rank =
+# SLURM_NODEID, the store on the first node of the allocation, a random port per job) starts
+# GPUS_PER_NODE processes on each. torch's c10d rendezvous backend is not used: it unpickles state
+# that anyone reaching the first node could write. The cluster network must still be trusted
+# (docs/SECURITY.md).
 #
 #   CONFIG=examples/configs/scaleup_gpt2.7b/intervention.yaml sbatch --nodes 4 \
 #     examples/launch/train_slurm.sh [KEY=VALUE ...]
@@ -16,7 +19,7 @@
 #   CONFIG         recipe YAML or preset name (required)
 #   GPUS_PER_NODE  processes per node (default 8)
 #   NODES          nodes (default: $SLURM_NNODES, else 2)
-#   MASTER_PORT    rendezvous port on the first node (default 29500)
+#   MASTER_PORT    rendezvous port on the first node (default: random in 20000-59999 per job)
 #   SEED, OUTPUT_DIR, PYTHON   as in train.sh
 #   CONTAINER      optional container image for srun (pyxis/enroot: --container-image); set
 #                  PYTHON to the interpreter inside the image (e.g. PYTHON=python)
@@ -38,7 +41,9 @@ source "$launch_dir/common.sh"
 [ -n "${CONFIG:-}" ] || die "set CONFIG to a recipe"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 NODES="${NODES:-${SLURM_NNODES:-2}}"
-MASTER_PORT="${MASTER_PORT:-29500}"
+MASTER_PORT="${MASTER_PORT:-$((20000 + $(od -An -N2 -tu2 /dev/urandom) % 40000))}"
+[[ "$MASTER_PORT" =~ ^[0-9]+$ ]] && [ "$MASTER_PORT" -ge 1024 ] && [ "$MASTER_PORT" -le 65535 ] \
+  || die "MASTER_PORT must be a port number in 1024-65535, got '$MASTER_PORT'"
 build_overrides "$@"
 mapfile -d '' SET < <(set_flags "${OVERRIDES[@]}")
 if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
@@ -54,8 +59,9 @@ fi
 cpus=()
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then cpus=(--cpus-per-task "$SLURM_CPUS_PER_TASK"); fi
 cmd=(srun --nodes "$NODES" --ntasks-per-node 1 "${cpus[@]}" "${container[@]}"
+  bash -c 'PET_NODE_RANK="$SLURM_NODEID" exec "$@"' node-rank
   "$PYTHON" -m torch.distributed.run --nnodes "$NODES" --nproc-per-node "$GPUS_PER_NODE"
-  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${SLURM_JOB_ID:-dry-run}"
+  --rdzv-backend static --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
   -m megatron_qk.train "$CONFIG" "${SET[@]}")
 if [ "${DRY_RUN:-0}" = "1" ]; then
   mqk train "$CONFIG" --dry-run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NODES" "${SET[@]}"

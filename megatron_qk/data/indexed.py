@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_qk.data.safe_files import open_nofollow
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 DTYPE_CODES: dict[str, int] = {
@@ -73,7 +75,7 @@ def write_index(
         ValueError: if the chunks do not add up to ``num_sequences``.
     """
     itemsize = np.dtype(dtype).itemsize
-    with open(idx_path, "wb") as f:
+    with open_nofollow(idx_path, "wb") as f:
         f.write(index_header(dtype, num_sequences, num_sequences))
         seen = 0
         for lengths in length_chunks():
@@ -97,7 +99,7 @@ def write_index(
 
 def read_length_chunks(lens_path: str | os.PathLike[str], count: int) -> Iterator[np.ndarray]:
     """Yield the first ``count`` int32 values of a raw lengths file in blocks."""
-    with open(lens_path, "rb") as f:
+    with open_nofollow(lens_path, "rb") as f:
         remaining = count
         while remaining:
             n = min(remaining, _CHUNK)
@@ -153,8 +155,8 @@ class TokenStreamWriter:
         self.lens_path = Path(lens_path)
         self.dtype = np.dtype(dtype)
         if resume_bytes is None:
-            self._bin = open(self.bin_path, "wb")
-            self._lens = open(self.lens_path, "wb")
+            self._bin = open_nofollow(self.bin_path, "wb")
+            self._lens = open_nofollow(self.lens_path, "wb")
             self.num_bytes = 0
             self.num_sequences = 0
         else:
@@ -162,8 +164,8 @@ class TokenStreamWriter:
             for path, size in committed:
                 if not path.exists() or path.stat().st_size < size:
                     raise ValueError(f"cannot resume: {path} is missing or under {size} bytes")
-            self._bin = open(self.bin_path, "r+b")
-            self._lens = open(self.lens_path, "r+b")
+            self._bin = open_nofollow(self.bin_path, "r+b")
+            self._lens = open_nofollow(self.lens_path, "r+b")
             self._bin.truncate(resume_bytes)
             self._lens.truncate(4 * resume_sequences)
             self._bin.seek(resume_bytes)

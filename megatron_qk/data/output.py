@@ -26,7 +26,13 @@ from megatron_qk.data.options import PreprocessConfig
 from megatron_qk.data.readers import PreprocessError, RawBatch, Source
 from megatron_qk.data.records import BLANK_LINE, SKIP_REASONS, SkipEvent
 from megatron_qk.data.tokenizer import TokenizerInfo
-from megatron_qk.data.workdir import OutputPaths, WorkDir, publish, write_json_atomic
+from megatron_qk.data.workdir import (
+    OutputPaths,
+    WorkDir,
+    final_moves,
+    publish,
+    write_json_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -270,21 +276,15 @@ class OutputRun:
         }
 
     def finalize(self, resumed_from: dict[str, int] | None) -> dict[str, Any]:
-        renames, removals = [], []
         for split in SPLITS:
-            public = self.paths.split_prefix(split)
             writer = self.writers.get(split)
             if writer is not None and self.state.documents[split] > 0:
                 writer.finalize(self.work.file(f"{split}.idx"))
-                for ext in ("bin", "idx"):
-                    renames.append((str(self.work.file(f"{split}.{ext}")), f"{public}.{ext}"))
-            else:
-                if writer is not None:
-                    writer.close()
-                removals += [f"{public}.bin", f"{public}.idx"]  # stale outputs of older runs
+            elif writer is not None:
+                writer.close()
         summary = self.summary(resumed_from)
         write_json_atomic(self.work.file("summary.json"), summary)
-        renames.append((str(self.work.file("summary.json")), str(self.paths.summary)))
+        renames, removals = final_moves(self.paths, self.work, self.state.documents)
         self.commit("finalizing", {"renames": renames, "removals": removals})
         publish(renames, removals)
         return summary

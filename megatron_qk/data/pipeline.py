@@ -36,7 +36,7 @@ from megatron_qk.data.readers import (
 )
 from megatron_qk.data.records import RecordConfig
 from megatron_qk.data.tokenizer import TokenizerInfo, load_tokenizer
-from megatron_qk.data.workdir import OutputPaths, WorkDir, publish
+from megatron_qk.data.workdir import OutputPaths, WorkDir, final_moves, publish
 
 __all__ = ["PreprocessConfig", "default_workers", "preprocess", "run_identity"]
 
@@ -146,7 +146,7 @@ def preprocess(
         if manifest is not None and config.overwrite:
             manifest = None
         if manifest is not None and manifest["phase"] == "finalizing":
-            publish(manifest["renames"], manifest["removals"])
+            publish(*final_moves(paths, work, manifest["state"]["documents"]))
             summary = json.loads(paths.summary.read_text(encoding="utf-8"))
             work.remove()
             return summary

@@ -213,6 +213,28 @@ class RawBatch:
         return self.end_record - self.first_record
 
 
+# The longest JSON line (one document) read from a jsonl / jsonl.gz input. Lines are read with
+# this bound, so a hostile input (a gzip stream of zeros with no newline) fails with an error
+# naming the line instead of growing one line until memory runs out.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+def _bounded_lines(f, path: str) -> Iterator[bytes]:
+    """The lines of binary file ``f``, refusing any longer than :data:`MAX_LINE_BYTES`."""
+    index = 0
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES:
+            raise PreprocessError(
+                f"{path}: line {index + 1} is longer than {MAX_LINE_BYTES} bytes (the limit for "
+                "one JSON document); is this really JSON lines?"
+            )
+        yield line
+        index += 1
+
+
 def _jsonl_batches(
     source: InputFile, i: int, start: int, max_bytes: int, max_records: int
 ) -> Iterator[RawBatch]:
@@ -221,7 +243,7 @@ def _jsonl_batches(
     nbytes, first, index = 0, start, start - 1
     try:
         with opener(source.path, "rb") as f:
-            for index, line in enumerate(f):
+            for index, line in enumerate(_bounded_lines(f, str(source.path))):
                 if index < start:
                     continue
                 lines.append(line)

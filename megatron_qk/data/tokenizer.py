@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,6 +80,11 @@ class TokenizerInfo:
         return "uint16" if self.vocab_size < _UINT16_MAX_CARDINALITY else "int32"
 
 
+# The largest tokenizer rank file read (after gunzip). Real rank files are a few MB (GPT-2 1.6 MB,
+# o200k 3.6 MB); the bound turns a gzip bomb given as --tokenizer into an error, not an OOM.
+MAX_RANK_FILE_BYTES = 64 * 1024 * 1024
+
+
 def read_rank_bytes(path: str | os.PathLike[str]) -> bytes:
     """Read a ``.tiktoken`` rank file, transparently gunzipping ``*.gz``.
 
@@ -93,11 +99,21 @@ def read_rank_bytes(path: str | os.PathLike[str]) -> bytes:
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
-        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+            stream = gzip.GzipFile(fileobj=f) if gzipped else f
+            # Read one byte past the limit: a larger file (or a gzip bomb) is refused unread.
+            data = stream.read(MAX_RANK_FILE_BYTES + 1)
+        if len(data) > MAX_RANK_FILE_BYTES:
+            raise TokenizerError(
+                f"tokenizer rank file {path} is larger than {MAX_RANK_FILE_BYTES} bytes"
+                f"{' once decompressed' if gzipped else ''} (the limit; GPT-2's is 1.6 MB)"
+            )
+        return data
     except FileNotFoundError as e:
         raise TokenizerError(f"tokenizer rank file not found: {path}") from e
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise TokenizerError(f"cannot read tokenizer rank file {path}: {e}") from e
 
 

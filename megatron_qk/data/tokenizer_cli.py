@@ -3,7 +3,8 @@
 Subcommands:
 
 * ``fetch [--source pypi|vendored] [--cache-dir DIR] [--output FILE]``: obtain the ranks (from the
-  hash-pinned ``openai-whisper`` sdist on PyPI, or the copy shipped with megatron_qk), verify
+  hash-pinned ``openai-whisper`` sdist on PyPI, fetched without pip or any build step, or the copy
+  shipped with megatron_qk), verify
   them, and seed the tiktoken cache so ``tiktoken.get_encoding("gpt2")`` works offline.
 * ``verify [FILE]``: check a rank file (default: the vendored one) and, when the tiktoken cache
   is seeded, that ``get_encoding("gpt2")`` agrees with it.
@@ -41,7 +42,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--source",
         choices=("pypi", "vendored"),
         default="pypi",
-        help="pypi: download the hash-pinned openai-whisper sdist with pip (default); "
+        help="pypi: download the hash-pinned openai-whisper sdist from the package index "
+        "(PIP_INDEX_URL or PyPI; no pip, no build step) (default); "
         "vendored: the copy shipped in megatron_qk/data/assets (no network)",
     )
     fetch.add_argument(

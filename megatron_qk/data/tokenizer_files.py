@@ -1,8 +1,8 @@
 """Obtain, convert and install the GPT-2 rank file: PyPI fetch, data-gym files, tiktoken cache.
 
-* :func:`fetch_ranks_from_pypi` downloads the hash-pinned ``openai-whisper`` sdist with pip (a
-  source reachable from clusters that can only reach a PyPI mirror) and extracts
-  ``whisper/assets/gpt2.tiktoken``, verifying both hashes.
+* :func:`fetch_ranks_from_pypi` downloads the hash-pinned ``openai-whisper`` sdist from the
+  package index (a source reachable from clusters that can only reach a PyPI mirror), without pip
+  or any build step, and extracts ``whisper/assets/gpt2.tiktoken``, verifying both hashes.
 * :func:`data_gym_files` rebuilds OpenAI's original ``encoder.json`` / ``vocab.bpe`` from the ranks,
   byte for byte (their sha256 equal tiktoken's expected hashes). Megatron-LM's
   ``GPT2BPETokenizer`` and HF ``tokenizers`` read these.
@@ -13,20 +13,21 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 from megatron_qk.data.tokenizer import (
     ENDOFTEXT,
     EOD_TOKEN_ID,
     GPT2_RANKS_SHA256,
+    MAX_RANK_FILE_BYTES,
     TokenizerError,
     parse_ranks,
     sha256_hex,
@@ -36,6 +37,8 @@ from megatron_qk.data.tokenizer import (
 logger = logging.getLogger(__name__)
 
 WHISPER_SDIST = "openai-whisper==20250625"
+WHISPER_PROJECT = "openai-whisper"
+WHISPER_SDIST_FILE = "openai_whisper-20250625.tar.gz"
 WHISPER_SDIST_SHA256 = "37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96"
 WHISPER_RANKS_MEMBER = "whisper/assets/gpt2.tiktoken"
 
@@ -200,19 +203,26 @@ def export_files(out_dir: str | os.PathLike[str], rank_bytes: bytes) -> dict[str
     return {name: out / name for name in files}
 
 
-def extract_ranks_from_sdist(sdist: str | os.PathLike[str]) -> bytes:
+def extract_ranks_from_sdist(sdist: str | os.PathLike[str] | IO[bytes]) -> bytes:
     """Read and verify ``whisper/assets/gpt2.tiktoken`` from an ``openai-whisper`` sdist.
 
     Raises:
         TokenizerError: if the archive is unreadable, lacks the file, or the file's hash is wrong.
     """
     try:
-        with tarfile.open(sdist, "r:*") as tar:
+        opened = (
+            tarfile.open(fileobj=sdist, mode="r:*")
+            if hasattr(sdist, "read")
+            else tarfile.open(sdist, "r:*")
+        )
+        with opened as tar:
             member = next(
                 (m for m in tar.getmembers() if m.name.endswith("/" + WHISPER_RANKS_MEMBER)), None
             )
             if member is None or not member.isfile():
                 raise TokenizerError(f"{sdist}: no {WHISPER_RANKS_MEMBER} in the archive")
+            if member.size > MAX_RANK_FILE_BYTES:
+                raise TokenizerError(f"{sdist}: {member.name} is over {MAX_RANK_FILE_BYTES} bytes")
             f = tar.extractfile(member)
             assert f is not None  # isfile() checked above
             data = f.read()
@@ -222,47 +232,39 @@ def extract_ranks_from_sdist(sdist: str | os.PathLike[str]) -> bytes:
     return data
 
 
-def _run_pip(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise TokenizerError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{tail}")
-
-
 def fetch_ranks_from_pypi(
     download_dir: str | os.PathLike[str] | None = None,
-    run_pip: Callable[[list[str]], None] = _run_pip,
+    index: str | None = None,
+    opener: Callable[[str], Any] | None = None,
 ) -> bytes:
-    """Download the hash-pinned ``openai-whisper`` sdist with pip and return its GPT-2 ranks.
+    """Download the hash-pinned ``openai-whisper`` sdist and return its GPT-2 ranks.
 
-    pip verifies the sdist's sha256 (``--require-hashes``); the extracted rank file is then checked
-    against tiktoken's ``r50k_base`` hash. Uses whatever index pip is configured for (a PyPI mirror
-    works).
+    The sdist is located on the package index's simple page (``index``, default
+    ``PIP_INDEX_URL`` or PyPI, so a mirror works), downloaded with a size bound and accepted only
+    when its sha256 is ``WHISPER_SDIST_SHA256``; the rank file inside is then checked against
+    tiktoken's ``r50k_base`` hash. No pip, no build step: nothing downloaded is executed.
 
     Args:
-        download_dir: where pip saves the sdist; a temporary directory when ``None``.
-        run_pip: runs a pip command line (injectable for tests).
+        download_dir: also keep the verified sdist here.
+        index: the simple index URL (default :func:`sdist_fetch.default_index_url`).
+        opener: opens a URL for reading (injectable for tests; default ``urllib``).
 
     Returns:
         The verified rank file contents (sha256 ``GPT2_RANKS_SHA256``).
 
     Raises:
-        TokenizerError: if pip fails or a hash does not match.
+        TokenizerError: if the index or download fails or a hash does not match.
     """
-    with tempfile.TemporaryDirectory(prefix="megatron-qk-tok-") as tmp:
-        dest = Path(download_dir) if download_dir is not None else Path(tmp)
-        dest.mkdir(parents=True, exist_ok=True)
-        req = Path(tmp) / "requirements.txt"
-        req.write_text(f"{WHISPER_SDIST} --hash=sha256:{WHISPER_SDIST_SHA256}\n")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        cmd += ["--require-hashes", "-r", str(req), "-d", str(dest)]
-        logger.info("running: %s", " ".join(cmd))
-        run_pip(cmd)
-        sdists = sorted(dest.glob("openai_whisper-20250625.tar.gz"))
-        if not sdists:
-            raise TokenizerError(f"pip reported success but no sdist was saved in {dest}")
-        if sha256_hex(sdists[0].read_bytes()) != WHISPER_SDIST_SHA256:
-            raise TokenizerError(f"{sdists[0]}: sha256 is not {WHISPER_SDIST_SHA256}")
-        data = extract_ranks_from_sdist(sdists[0])
+    from megatron_qk.data import sdist_fetch
+
+    kwargs = {"opener": opener} if opener is not None else {}
+    index = index or sdist_fetch.default_index_url()
+    url = sdist_fetch.find_file_url(index, WHISPER_PROJECT, WHISPER_SDIST_FILE, **kwargs)
+    logger.info("downloading %s", url)
+    sdist = sdist_fetch.download_verified(url, WHISPER_SDIST_SHA256, **kwargs)
+    if download_dir is not None:
+        Path(download_dir).mkdir(parents=True, exist_ok=True)
+        _atomic_write(Path(download_dir) / WHISPER_SDIST_FILE, sdist)
+    data = extract_ranks_from_sdist(io.BytesIO(sdist))
     assert sha256_hex(data) == GPT2_RANKS_SHA256
     return data

@@ -17,10 +17,12 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
 from megatron_qk.data.readers import PreprocessError
+from megatron_qk.data.safe_files import open_nofollow, private_temp
 
 MANIFEST_VERSION = 1
 
@@ -65,14 +67,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to ``path`` via a fsynced temporary file and ``os.replace``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON to ``path`` via a fsynced, uniquely named temporary file and ``os.replace``."""
+    fd, tmp = private_temp(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -102,8 +108,14 @@ class WorkDir:
         Raises:
             PreprocessError: if another process holds the lock (same ``--output-prefix``).
         """
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.path / "lock", "w")  # noqa: SIM115 - held until release()
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(self.path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise PreprocessError(
+                f"{self.path} is a link or belongs to another user (uid {st.st_uid}); a work "
+                "directory must be your own: remove it or choose another --output-prefix"
+            )
+        self._lock_file = open_nofollow(self.path / "lock", "w")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
@@ -127,7 +139,7 @@ class WorkDir:
             PreprocessError: if it exists but is unreadable or of another version.
         """
         try:
-            with open(self.manifest_path, encoding="utf-8") as f:
+            with open_nofollow(self.manifest_path, "r", encoding="utf-8") as f:
                 manifest = json.load(f)
         except FileNotFoundError:
             return None
@@ -158,13 +170,46 @@ class WorkDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def final_moves(
+    paths: OutputPaths, work: WorkDir, documents: dict[str, int]
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """The renames and removals that publish a finished run, derived from the output prefix.
+
+    Never taken from the manifest: a work directory is data that could name any path, and a
+    resumed finalisation must move only our own files to our own public names.
+
+    Args:
+        paths: the public names.
+        work: the work directory holding the finished files.
+        documents: committed documents per split (a split without documents has no output, and
+            stale public files of an older run under its name are removed).
+    """
+    renames: list[tuple[str, str]] = []
+    removals: list[str] = []
+    for split in ("train", "valid"):
+        public = paths.split_prefix(split)
+        if int(documents.get(split, 0)) > 0:
+            renames += [
+                (str(work.file(f"{split}.{ext}")), f"{public}.{ext}") for ext in ("bin", "idx")
+            ]
+        else:
+            removals += [f"{public}.bin", f"{public}.idx"]
+    renames.append((str(work.file("summary.json")), str(paths.summary)))
+    return renames, removals
+
+
 def publish(renames: list[tuple[str, str]], removals: list[str]) -> None:
     """Move finished files to their public names and delete stale outputs (idempotent).
 
-    A source that no longer exists was moved by an earlier, interrupted attempt.
+    A source that no longer exists was moved by an earlier, interrupted attempt. A source that is
+    a link (planted in the work directory) is refused rather than published.
     """
     for src, dst in renames:
-        if os.path.exists(src):
+        if os.path.lexists(src):
+            if not stat.S_ISREG(os.lstat(src).st_mode):
+                raise PreprocessError(
+                    f"{src} is not a regular file (a link?); refusing to publish it"
+                )
             os.replace(src, dst)
     for path in removals:
         Path(path).unlink(missing_ok=True)

@@ -55,6 +55,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --task-dir, still let built-in tasks download their datasets",
     )
+    parser.add_argument(
+        "--trust-task-code",
+        action="store_true",
+        help="let --task-dir folders run Python (YAML '!function' tags, shipped .py files); "
+        "refused by default because a task folder from someone else is code, not data",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA if any)")
     parser.add_argument(
@@ -119,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         evaluate_checkpoint,
         parse_task_list,
     )
+    from megatron_qk.training.safe_load import UnsafeCheckpointError
 
     if args.batch_size < 1:
         print("eval: error: --batch-size must be >= 1", file=sys.stderr)
@@ -139,8 +146,9 @@ def run(args: argparse.Namespace) -> int:
             num_fewshot=args.num_fewshot,
             limit=_limit(args.limit),
             bootstrap_iters=args.bootstrap_iters,
+            trust_task_code=args.trust_task_code,
         )
-    except (FileNotFoundError, EvalError, TokenizerError, ConfigError) as e:
+    except (FileNotFoundError, EvalError, TokenizerError, ConfigError, UnsafeCheckpointError) as e:
         print(f"eval: error: {e}", file=sys.stderr)
         return 1
     out = (

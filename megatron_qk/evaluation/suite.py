@@ -154,7 +154,7 @@ def _resolve_in(index: dict, name: str) -> tuple[str, Any] | None:
 
 
 def resolve_tasks(
-    names: list[str], task_dirs: list[Path] | None = None
+    names: list[str], task_dirs: list[Path] | None = None, trust_task_code: bool = False
 ) -> tuple[Any, list[ResolvedTask]]:
     """Map requested names to harness tasks.
 
@@ -166,14 +166,21 @@ def resolve_tasks(
         ``(task_manager, [ResolvedTask, ...])``.
 
     Raises:
-        EvalError: for a missing task directory or an unknown task name (with suggestions).
+        EvalError: for a missing task directory, a task directory holding code while
+            ``trust_task_code`` is False, or an unknown task name (with suggestions).
     """
     from lm_eval.tasks._index import Kind
+
+    from megatron_qk.evaluation.task_trust import UntrustedTaskCodeError, check_task_dirs
 
     task_dirs = [Path(d) for d in task_dirs or []]
     for d in task_dirs:
         if not d.is_dir():
             raise EvalError(f"--task-dir {d} is not a directory")
+    try:
+        check_task_dirs(task_dirs, trust_task_code)  # before the harness reads any of them
+    except UntrustedTaskCodeError as e:
+        raise EvalError(str(e)) from e
     manager = None
     if task_dirs:
         manager = _task_manager(task_dirs, include_defaults=False)
@@ -311,6 +318,7 @@ def evaluate_checkpoint(
     num_fewshot: int | None = None,
     limit: int | float | None = None,
     bootstrap_iters: int = 1000,
+    trust_task_code: bool = False,
 ) -> dict[str, Any]:
     """Score a checkpoint on downstream tasks with lm-evaluation-harness.
 
@@ -325,6 +333,7 @@ def evaluate_checkpoint(
         num_fewshot: override the tasks' few-shot count.
         limit: documents per task (an int) or a fraction; for smoke tests only.
         bootstrap_iters: bootstrap resamples for stderrs of non-mean metrics (perplexity).
+        trust_task_code: let task folders run their ``!function`` code and Python files.
 
     Returns:
         The report (see the README's "Downstream evaluation").
@@ -349,7 +358,7 @@ def evaluate_checkpoint(
     cfg = load_resolved_config(run_dir / "config.yaml")
     tok = load_tokenizer(tokenizer)
     check_tokenizer(cfg, tok, run_dir / "config.yaml")
-    manager, resolved = resolve_tasks(tasks, task_dirs)
+    manager, resolved = resolve_tasks(tasks, task_dirs, trust_task_code)
     task_objects = load_tasks(manager, resolved)
 
     torch_device = torch.device(device) if device else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,11 @@ import torch
 from megatron_qk.models.checkpoint_layout import (
     canonical_sharded_state_dict,
     load_canonical_state_dict,
+)
+from megatron_qk.training.safe_load import (
+    check_dist_checkpoint,
+    check_extra_states,
+    load_state_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,6 +60,9 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     if not marker.exists():
         return None
     name = marker.read_text(encoding="utf-8").strip()
+    if not re.fullmatch(r"iter_\d{7,}", name):
+        # The marker is data from a possibly shared run directory: never a path to follow.
+        raise RuntimeError(f"{marker} names {name!r}, which is not a checkpoint (iter_XXXXXXX)")
     path = ckpt_root / name
     if not (path / "train_state.pt").exists():
         raise RuntimeError(f"{marker} names {name}, but {path}/train_state.pt is missing")
@@ -215,12 +224,15 @@ def load_checkpoint(
 
     if not (path / "train_state.pt").exists():
         raise FileNotFoundError(f"{path} is not a megatron-qk checkpoint (no train_state.pt)")
+    raw = load_state_file(path / "train_state.pt")
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded, is_loading=True, metadata=OPTIMIZER_CKPT_METADATA
         )
+    check_dist_checkpoint(path)  # before Megatron's loader unpickles anything from it
     loaded = dist_checkpointing.load(sharded, str(path))
+    check_extra_states(loaded, path)  # before TE's set_extra_state could unpickle any of it
     bare = [unwrap_model(m) for m in model_chunks]
     if len(bare) == 1:
         load_canonical_state_dict(bare[0], loaded["model"])
@@ -229,12 +241,11 @@ def load_checkpoint(
             load_canonical_state_dict(m, loaded[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    raw = torch.load(path / "train_state.pt", weights_only=False)
     if restore_rng:
         rng_file = path / f"rng_rank{_rank()}.pt"
         if not rng_file.exists():
             raise RuntimeError(
                 f"{rng_file} is missing: resume with the same number of processes as the save"
             )
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(load_state_file(rng_file))
     return TrainState(raw["step"], raw["consumed_samples"], raw["scheduler"], raw["extra"])

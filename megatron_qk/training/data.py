@@ -159,7 +159,13 @@ def build_datasets(cfg: ExperimentConfig, planned_steps: int, output_dir: str) -
             valid_samples,
         )
         return Datasets(train, valid)
-    cache_dir = cfg.data.cache_dir or str(Path(output_dir) / "data_cache")
+    from megatron_qk.training.data_cache import prepare_cache_dir
+
+    cache_dir = prepare_cache_dir(
+        cfg.data.cache_dir, output_dir
+    )  # checked before Megatron reads it
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank has checked the cache before rank 0 writes to it
     train, valid, _ = _build_gpt_datasets(cfg, [train_samples, valid_samples], cache_dir)
     if train is None or valid is None:
         raise ConfigError("data", "dataset builder returned no train or valid dataset")

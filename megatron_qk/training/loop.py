@@ -26,6 +26,7 @@ from megatron_qk.training import checkpoint as ckpt
 from megatron_qk.training.data import build_datasets, micro_batches
 from megatron_qk.training.distributed import ParallelInfo
 from megatron_qk.training.run_dir import check_resume_compatible, write_config, write_summary
+from megatron_qk.training.run_identity import claim_run_dir
 from megatron_qk.training.sinks import MetricsSinks, ProgressBar, truncate_metrics
 
 logger = logging.getLogger(__name__)
@@ -370,9 +371,10 @@ class Trainer:
         """Train to the planned step (or ``exit_after_steps``) and return the summary."""
         cfg, info, t = self.cfg, self.info, self.cfg.training
         if info.is_logging_rank:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if t.resume:
                 check_resume_compatible(self.run_dir, cfg)
+            claim_run_dir(self.run_dir, cfg)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         resumed = self.maybe_resume()

@@ -1,0 +1,1 @@
+"""Run-directory helpers that need no torch (identity, layout, files)."""

@@ -1,0 +1,141 @@
+"""Who created a run directory, and for which recipe: a resume continues only one's own run.
+
+A run directory on shared storage can hold someone else's checkpoints (a copied, shared or
+pre-created directory). Training resumes from a run directory's latest checkpoint, so without a
+check ``megatron-qk train`` on such a path would silently continue another person's run (their
+weights, their data position) under one's own recipe. The run directory therefore records
+``run_identity.json`` (owner uid and name, the recipe hash) when a run starts, and a resume
+requires that:
+
+- the run directory, its ``run_identity.json`` and its ``checkpoints/`` belong to the user (file
+  ownership, which a copied or planted file cannot fake), and the recorded owner is the user;
+- the recorded recipe hash equals the hash of the recipe being launched (keys that may change on
+  resume, such as logging options, are left out of the hash).
+
+A run directory with checkpoints but no identity record (written before the record existed) is
+adopted when everything in it belongs to the user, and refused otherwise.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from megatron_qk.config.schema import ConfigError
+
+IDENTITY_FILE = "run_identity.json"
+_START_OVER = "use another training.output_dir, or set training.resume=false to start over there"
+
+
+def recipe_hash(recipe: dict[str, Any], free_keys: set[str] | frozenset[str] = frozenset()) -> str:
+    """sha256 of the recipe's canonical JSON, leaving out dotted ``free_keys``."""
+
+    def flatten(data: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in data.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            out.update(flatten(value, path) if isinstance(value, dict) else {path: value})
+        return out
+
+    flat = {k: v for k, v in flatten(recipe).items() if k not in free_keys}
+    text = json.dumps(flat, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _user_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def read_identity(run_dir: Path) -> dict[str, Any] | None:
+    """The recorded identity, or None when the run directory has none."""
+    path = run_dir / IDENTITY_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(
+            "training.output_dir", f"{path} is unreadable ({e}); {_START_OVER}"
+        ) from e
+
+
+def write_identity(run_dir: Path, recipe_sha256: str) -> None:
+    """Record this user as the run's owner with the recipe hash (atomic, fsynced)."""
+    record = {
+        "owner_uid": os.getuid(),
+        "owner": _user_name(),
+        "recipe_sha256": recipe_sha256,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp = run_dir / f"{IDENTITY_FILE}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / IDENTITY_FILE)
+
+
+def _foreign_paths(run_dir: Path, uid: int) -> list[str]:
+    """Entries that make up the resume state but belong to another user."""
+    paths = [run_dir, run_dir / IDENTITY_FILE, run_dir / "checkpoints"]
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir():
+        paths += sorted(ckpts.iterdir())
+    foreign = []
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if st.st_uid != uid:
+            foreign.append(f"{path} (uid {st.st_uid})")
+    return foreign
+
+
+def check_run_identity(run_dir: Path, recipe_sha256: str, uid: int | None = None) -> None:
+    """Refuse to resume a run directory this user did not create for this recipe.
+
+    Call before resuming; a run directory without checkpoints passes (nothing to resume).
+
+    Raises:
+        ConfigError: naming the foreign owner or the differing recipe hash.
+    """
+    uid = os.getuid() if uid is None else uid
+    has_checkpoints = (run_dir / "checkpoints").is_dir() and any(
+        (run_dir / "checkpoints").iterdir()
+    )
+    identity = read_identity(run_dir)
+    if identity is None and not has_checkpoints:
+        return
+    foreign = _foreign_paths(run_dir, uid)
+    if foreign:
+        raise ConfigError(
+            "training.output_dir",
+            f"{run_dir} was not created by you: {', '.join(foreign[:4])} belong(s) to another "
+            f"user; refusing to resume someone else's run. {_START_OVER}",
+        )
+    if identity is None:
+        return  # an older run directory of this user: adopted (the record is written next)
+    if identity.get("owner_uid") != uid:
+        raise ConfigError(
+            "training.output_dir",
+            f"{run_dir / IDENTITY_FILE} records owner {identity.get('owner')!r} "
+            f"(uid {identity.get('owner_uid')}), not you (uid {uid}); refusing to resume it. "
+            f"{_START_OVER}",
+        )
+    if identity.get("recipe_sha256") != recipe_sha256:
+        raise ConfigError(
+            "training.output_dir",
+            f"{run_dir} holds a run of another recipe (recorded hash "
+            f"{str(identity.get('recipe_sha256'))[:12]}..., this recipe {recipe_sha256[:12]}...); "
+            f"refusing to resume it. {_START_OVER}",
+        )
