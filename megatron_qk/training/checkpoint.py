@@ -150,12 +150,16 @@ def save_checkpoint(
     dist_checkpointing.save(sharded, str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
     if _rank() == 0:
+        from megatron_qk.training.resume_layout import current_layout
+
         torch.save(
             {
                 "step": state.step,
                 "consumed_samples": state.consumed_samples,
                 "scheduler": state.scheduler,
                 "extra": state.extra,
+                "layout": current_layout(),
+                "padded_vocab": getattr(unwrap_model(model_chunks[0]), "vocab_size", None),
             },
             tmp / "train_state.pt",
         )
@@ -172,7 +176,11 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, model_chunks: list, optimizer=None, restore_rng: bool = True
+    path: Path,
+    model_chunks: list,
+    optimizer=None,
+    restore_rng: bool = True,
+    seed: int = 0,
 ) -> TrainState:
     """Load model (and optimizer, RNG) state from ``path`` in place (collective).
 
@@ -180,7 +188,9 @@ def load_checkpoint(
         path: a checkpoint directory written by :func:`save_checkpoint`.
         model_chunks: the (DDP-wrapped or bare) model chunks, built with the same config.
         optimizer: the Megatron optimizer, or None to load weights only (diagnose/eval).
-        restore_rng: restore this rank's RNG states (needs the same world size as the save).
+        restore_rng: restore this rank's RNG states when the layout is the saved one, else
+            re-seed deterministically from ``seed`` and the step (with a warning).
+        seed: the recipe's ``training.seed`` (for that re-seed).
 
     Returns:
         The scalar train state; the caller restores the scheduler from ``state.scheduler``.
@@ -189,6 +199,12 @@ def load_checkpoint(
 
     if not (path / "train_state.pt").exists():
         raise FileNotFoundError(f"{path} is not a megatron-qk checkpoint (no train_state.pt)")
+    from megatron_qk.training.resume_layout import check_padded_vocab, restore_or_reseed_rng
+
+    raw = torch.load(path / "train_state.pt", weights_only=False)
+    check_padded_vocab(
+        path, raw.get("padded_vocab"), getattr(unwrap_model(model_chunks[0]), "vocab_size", None)
+    )
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(
@@ -203,12 +219,6 @@ def load_checkpoint(
             m.load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    raw = torch.load(path / "train_state.pt", weights_only=False)
     if restore_rng:
-        rng_file = path / f"rng_rank{_rank()}.pt"
-        if not rng_file.exists():
-            raise RuntimeError(
-                f"{rng_file} is missing: resume with the same number of processes as the save"
-            )
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        restore_or_reseed_rng(path, raw.get("layout"), seed, raw["step"], _rank())
     return TrainState(raw["step"], raw["consumed_samples"], raw["scheduler"], raw["extra"])
