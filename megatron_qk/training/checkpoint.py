@@ -132,7 +132,6 @@ def save_checkpoint(
     Returns:
         The final checkpoint directory.
     """
-    from megatron.core import dist_checkpointing
 
     name = checkpoint_name(state.step)
     final = ckpt_root / name
@@ -147,6 +146,28 @@ def save_checkpoint(
     sharded["optimizer"] = optimizer.sharded_state_dict(
         sharded, is_loading=False, metadata=OPTIMIZER_CKPT_METADATA
     )
+    try:
+        _write_checkpoint_files(sharded, tmp, model_chunks, state)
+    except (OSError, RuntimeError) as exc:
+        from megatron_qk.training.save_errors import CheckpointSaveError, save_failure_message
+
+        message = save_failure_message(tmp, latest_checkpoint(ckpt_root), exc)
+        raise CheckpointSaveError(message) from exc
+    _barrier()
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker_tmp = ckpt_root / f"{LATEST_FILE}.tmp"
+        marker_tmp.write_text(name + "\n", encoding="utf-8")
+        os.replace(marker_tmp, ckpt_root / LATEST_FILE)
+    _barrier()
+    return final
+
+
+def _write_checkpoint_files(sharded: dict, tmp: Path, model_chunks: list, state: TrainState):
+    from megatron.core import dist_checkpointing
+
     dist_checkpointing.save(sharded, str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
     if _rank() == 0:
@@ -163,16 +184,6 @@ def save_checkpoint(
             },
             tmp / "train_state.pt",
         )
-    _barrier()
-    if _rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        marker_tmp = ckpt_root / f"{LATEST_FILE}.tmp"
-        marker_tmp.write_text(name + "\n", encoding="utf-8")
-        os.replace(marker_tmp, ckpt_root / LATEST_FILE)
-    _barrier()
-    return final
 
 
 def load_checkpoint(

@@ -37,8 +37,8 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False) -> dict | 
     Raises:
         PreflightError: a recipe problem found before the build (names the key).
         RunDirBusyError: another training holds the run directory (names host and pid).
-        SystemExit: 3 on a non-finite loss, 75 (``PREEMPTED_EXIT_CODE``) when stopped by
-            SIGTERM/SIGUSR1 after saving a checkpoint.
+        SystemExit: 3 on a non-finite loss, 4 when a checkpoint cannot be written, 75
+            (``PREEMPTED_EXIT_CODE``) when stopped by SIGTERM/SIGUSR1 after saving a checkpoint.
     """
     from megatron_qk.rundir.lock import RunDirLock
     from megatron_qk.rundir.previous import holds_run, move_run_aside
@@ -46,6 +46,7 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False) -> dict | 
     from megatron_qk.training.loop import NonFiniteLossError, Trainer
     from megatron_qk.training.preemption import PREEMPTED_EXIT_CODE, PreemptedError, PreemptionWatch
     from megatron_qk.training.preflight import preflight
+    from megatron_qk.training.save_errors import CheckpointSaveError
 
     rank0 = _env_rank("RANK") == 0
     preflight(cfg, world_size_from_env(), overwrite=overwrite, scan_tokens=rank0, run_dir=rank0)
@@ -69,6 +70,10 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False) -> dict | 
                 if info.is_logging_rank:
                     print(f"megatron-qk train: {exc}", file=sys.stderr)
                 raise SystemExit(3) from None
+            except CheckpointSaveError as exc:
+                if info.is_logging_rank:
+                    print(f"megatron-qk train: {exc}", file=sys.stderr)
+                raise SystemExit(4) from None
             except PreemptedError as exc:
                 if info.is_logging_rank:
                     print(f"megatron-qk train: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 from megatron_qk.config.schema import ConfigError, ExperimentConfig
@@ -35,13 +36,23 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_writable_dir(path: str, key: str) -> ConfigError | None:
-    """A directory that exists and is writable, or can be created under a writable parent."""
+    """A directory that exists and is writable, or can be created under a writable parent.
+
+    Writability is tried (a temporary file is created and removed), not read from permission
+    bits, which say nothing for root, read-only mounts or ACLs.
+    """
     target = Path(path)
     if target.exists() and not target.is_dir():
         return ConfigError(key, f"{path} exists and is not a directory")
     base = _nearest_existing(target)
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-        return ConfigError(key, f"{path} is not writable (no write permission on {base})")
+    if not base.is_dir():
+        return ConfigError(key, f"{path} cannot be created: {base} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mqk-write-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return ConfigError(key, f"{path} is not writable ({base}: {exc.strerror or exc})")
     return None
 
 

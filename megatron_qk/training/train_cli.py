@@ -7,7 +7,8 @@ parameter counts and exits.
 
 Exit codes: 0 done (or stopped by ``training.exit_after_steps``); 2 recipe, preflight or run
 directory refusal (nothing trained, nothing changed); 3 non-finite loss (the last checkpoint is
-intact); 75 preempted by SIGTERM/SIGUSR1 after saving a checkpoint (rerun to resume).
+intact); 4 a checkpoint could not be written (e.g. disk full; the previous one is intact);
+75 preempted by SIGTERM/SIGUSR1 after saving a checkpoint (rerun to resume).
 """
 
 from __future__ import annotations
