@@ -408,3 +408,30 @@ def test_strict_preprocessing_does_not_advise_a_rerun_that_fails_again(tmp_path,
 
 def test_config_error_is_a_preflight_base():
     assert issubclass(PreflightError, ConfigError)
+
+
+def test_slurm_script_requests_the_signal_and_requeues_a_preempted_run(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    script = root / "examples" / "launch" / "train_slurm.sh"
+    assert "#SBATCH --signal=USR1@120" in script.read_text()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/srun.args\nexit 75\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.args\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = _env()
+    env.update(
+        PATH=f"{bin_dir}:{env['PATH']}",
+        CONFIG="tiny",
+        NODES="1",
+        GPUS_PER_NODE="1",
+        SLURM_JOB_ID="4242",
+        OUTPUT_DIR=str(tmp_path / "run"),
+        PYTHON=PY,
+    )
+    env.pop("SLURM_JOB_NODELIST", None)
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=root)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "-m megatron_qk.training.torchrun" in (tmp_path / "srun.args").read_text()
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]

@@ -6,6 +6,11 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --exclusive
 #SBATCH --output=slurm-%x-%j.out
+# 120 s before the time limit every training process gets SIGUSR1: it finishes its step, saves a
+# checkpoint, logs a `preempted` event and exits 75; this script then requeues the job, which
+# resumes from that checkpoint (scancel/preemption SIGTERM takes the same path).
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
 # Multi-node training: srun starts one torchrun per node; torchrun's c10d rendezvous on the first
 # node of the allocation starts GPUS_PER_NODE processes on each.
 #
@@ -54,7 +59,7 @@ fi
 cpus=()
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then cpus=(--cpus-per-task "$SLURM_CPUS_PER_TASK"); fi
 cmd=(srun --nodes "$NODES" --ntasks-per-node 1 "${cpus[@]}" "${container[@]}"
-  "$PYTHON" -m torch.distributed.run --nnodes "$NODES" --nproc-per-node "$GPUS_PER_NODE"
+  "$PYTHON" -m megatron_qk.training.torchrun --nnodes "$NODES" --nproc-per-node "$GPUS_PER_NODE"
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${SLURM_JOB_ID:-dry-run}"
   -m megatron_qk.train "$CONFIG" "${SET[@]}")
 if [ "${DRY_RUN:-0}" = "1" ]; then
@@ -66,4 +71,12 @@ fi
 mqk train "$CONFIG" --dry-run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NODES" "${SET[@]}" >/dev/null
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 echo "train_slurm.sh: $CONFIG on $NODES x $GPUS_PER_NODE, rendezvous $MASTER_ADDR:$MASTER_PORT"
-exec "${cmd[@]}"
+# megatron_qk.training.torchrun is torchrun whose launcher ignores SIGUSR1 (left to the trainers)
+# and exits 75 when the trainers stopped for preemption.
+rc=0
+"${cmd[@]}" || rc=$?
+if [ "$rc" -eq 75 ]; then
+  echo "train_slurm.sh: preempted at a checkpoint; requeueing job $SLURM_JOB_ID" >&2
+  "${SCONTROL:-scontrol}" requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"

@@ -210,7 +210,12 @@ def load_checkpoint(
 
     if not (path / "train_state.pt").exists():
         raise FileNotFoundError(f"{path} is not a megatron-qk checkpoint (no train_state.pt)")
-    from megatron_qk.training.resume_layout import check_padded_vocab, restore_or_reseed_rng
+    from megatron_qk.training.resume_layout import (
+        check_padded_vocab,
+        load_optimizer_state,
+        prepare_optimizer_for_load,
+        restore_or_reseed_rng,
+    )
 
     raw = torch.load(path / "train_state.pt", weights_only=False)
     check_padded_vocab(
@@ -218,6 +223,7 @@ def load_checkpoint(
     )
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
+        prepare_optimizer_for_load(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded, is_loading=True, metadata=OPTIMIZER_CKPT_METADATA
         )
@@ -229,7 +235,7 @@ def load_checkpoint(
         for i, m in enumerate(bare):
             m.load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"])
     if restore_rng:
         restore_or_reseed_rng(path, raw.get("layout"), seed, raw["step"], _rank())
     return TrainState(raw["step"], raw["consumed_samples"], raw["scheduler"], raw["extra"])

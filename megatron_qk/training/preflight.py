@@ -117,7 +117,7 @@ def _data_problems(cfg: ExperimentConfig, scan_tokens: bool) -> list[ConfigError
     return problems
 
 
-def _environment_problems(cfg: ExperimentConfig) -> list[ConfigError]:
+def _environment_problems(cfg: ExperimentConfig, check_device: bool) -> list[ConfigError]:
     import torch
 
     problems = []
@@ -129,15 +129,9 @@ def _environment_problems(cfg: ExperimentConfig) -> list[ConfigError]:
         problems.append(
             ConfigError("logging.tensorboard", "needs the tensorboard package (or set it false)")
         )
+    if not check_device:
+        return problems
     cuda = torch.cuda.is_available()
-    if cfg.parallel.sequence_parallel and not cuda:
-        problems.append(
-            ConfigError(
-                "parallel.sequence_parallel",
-                "needs CUDA and NCCL: its sequence-dimension reduce-scatter has no gloo "
-                "implementation (train with sequence_parallel: false on CPU)",
-            )
-        )
     if cfg.parallel.backend == "nccl" and not cuda:
         problems.append(ConfigError("parallel.backend", "nccl needs CUDA; use gloo or auto on CPU"))
     return problems
@@ -175,6 +169,7 @@ def preflight(
     scan_tokens: bool = True,
     probe_lock: bool = False,
     run_dir: bool = True,
+    check_device: bool = True,
 ) -> None:
     """Check everything about ``cfg`` that can be checked without training.
 
@@ -185,6 +180,8 @@ def preflight(
         scan_tokens: scan token ids of indexed data (only one process per node need do it).
         probe_lock: also report a run directory that another training holds (dry run).
         run_dir: check the output directory (global rank 0 only: it owns the directory).
+        check_device: check what needs this machine's accelerator (the NCCL backend);
+            off for a dry run, which may run on a login node without GPUs.
 
     Raises:
         PreflightError: listing every problem found, each naming its key.
@@ -196,7 +193,7 @@ def preflight(
         problems.append(exc)
     problems += _rule_problems(cfg)
     problems += _data_problems(cfg, scan_tokens)
-    problems += _environment_problems(cfg)
+    problems += _environment_problems(cfg, check_device)
     if run_dir:
         problems += run_dir_problems(cfg, overwrite, probe_lock)
     if problems:

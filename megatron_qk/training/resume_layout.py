@@ -91,3 +91,62 @@ def check_padded_vocab(path: Path, saved: int | None, current: int) -> None:
             "(model.vocab_pad_multiple x TP): set model.vocab_pad_multiple so both layouts pad "
             "to the same size"
         )
+
+
+def prepare_optimizer_for_load(optimizer) -> None:
+    """Give a fresh optimizer the state entries a checkpoint load expects.
+
+    A distributed optimizer builds its state dict from the inner optimizer's state, and without
+    Apex/Transformer Engine (the CPU path) it reads each parameter's ``step``, which
+    ``torch.optim.AdamW`` only creates at its first update: loading into a freshly built one
+    fails. Zero moments and step 0 are created here; the load then overwrites all of them.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        # The other optimizers initialise their state themselves when asked for a load.
+        if not isinstance(opt, DistributedOptimizer) or opt.init_state_fn is None:
+            continue
+        inner = opt.optimizer
+        opt.init_state_fn(inner, opt.config)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if "step" not in state and "exp_avg" in state:
+                    state["step"] = torch.tensor(0.0)
+
+
+def load_optimizer_state(optimizer, state_dict: dict) -> None:
+    """``optimizer.load_state_dict``, working around a 0.16.1 distributed-optimizer load bug.
+
+    Without Apex/Transformer Engine (the CPU path) ``DistributedOptimizer.load_state_dict`` first
+    gives every parameter's AdamW state a ``step`` entry, then copies each state entry from the
+    ``fully_reshardable`` parameter state, which has no ``step`` (``distrib_optimizer.py``
+    ``_set_main_param_and_optimizer_states``: ``KeyError: 'step'``). So the two phases run here
+    separately, with ``step`` set aside while the parameter state is copied in. That load also
+    gives all parameters one shared ``step`` tensor, which ``torch.optim.AdamW`` then increments
+    once per parameter on every update (wrong bias correction after a resume): each parameter
+    gets its own copy.
+    """
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    opt = chained[0]
+    affected = (
+        len(chained) == 1
+        and isinstance(opt, dopt.DistributedOptimizer)
+        and not dopt.HAVE_APEX_OR_TE
+        and state_dict.get("param_state_sharding_type") == "fully_reshardable"
+    )
+    if not affected:
+        optimizer.load_state_dict(state_dict)
+        return
+    skip = ("param_state", "param_state_sharding_type")
+    opt.load_state_dict({k: v for k, v in state_dict.items() if k not in skip})
+    inner = opt.optimizer
+    steps = {p: s.pop("step") for p, s in inner.state.items() if "step" in s}
+    try:
+        opt.load_parameter_state_from_fully_reshardable(state_dict["param_state"])
+    finally:
+        for p, step in steps.items():
+            inner.state[p]["step"] = step.detach().clone()

@@ -27,7 +27,6 @@ RESUME_FREE_KEYS = {
     "parallel.tensor_model_parallel_size",
     "parallel.pipeline_model_parallel_size",
     "parallel.sequence_parallel",
-    "parallel.use_distributed_optimizer",
     "parallel.overlap_grad_reduce",
     "parallel.overlap_param_gather",
     "parallel.backend",

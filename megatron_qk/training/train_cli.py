@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.dry_run:
-            preflight(cfg, world, overwrite=args.overwrite, probe_lock=True)
+            preflight(cfg, world, overwrite=args.overwrite, probe_lock=True, check_device=False)
             # The layout was validated for the requested world size above; the count itself is
             # layout-independent and is taken in this one process.
             report = dry_run(cfg)
