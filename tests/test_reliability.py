@@ -435,3 +435,22 @@ def test_slurm_script_requests_the_signal_and_requeues_a_preempted_run(tmp_path)
     assert proc.returncode == 75, proc.stderr[-3000:]
     assert "-m megatron_qk.training.torchrun" in (tmp_path / "srun.args").read_text()
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+
+
+def test_replay_of_a_log_cut_before_its_release_line_does_not_claim_disagreement(tmp_path):
+    from test_analysis_replay import RULE, scores, write_run
+
+    from megatron_qk.analysis.replay import format_report, replay_run
+
+    path = write_run(tmp_path / "run", scores(40, 2, high_from=8), 40, None, RULE)
+    # Cut the log right after the diag line of step 10, where the rule releases.
+    lines = path.read_text().splitlines()
+    cut = max(i for i, x in enumerate(lines) if json.loads(x)["step"] == 10)
+    path.write_text("".join(x + "\n" for x in lines[: cut + 1]))
+    result = replay_run(path)
+    assert result["replayed"]["step"] == 10 and result["logged"] is None
+    assert result["agrees"] is None and result["log_ends_at_release"] is True
+    assert "no comparison possible" in format_report(result)
+    # A complete log without the release line still disagrees.
+    full = write_run(tmp_path / "full", scores(40, 2, high_from=8), 40, None, RULE)
+    assert replay_run(full)["agrees"] is False
