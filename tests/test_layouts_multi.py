@@ -109,7 +109,9 @@ def test_tp2_by_pp2_on_four_processes_equals_one_process(tmp_path, reference):
     assert_same_run(reference, _metrics(tmp_path / "run"))
 
 
-def test_dp2_tp2_pp2_sequence_parallel_on_eight_processes_equals_one_process(tmp_path, reference):
-    extra = ("parallel.use_distributed_optimizer=true", "parallel.sequence_parallel=true")
-    _train(tmp_path / "run", 8, *TP2, *PP2, *extra)
+def test_dp2_tp2_pp2_on_eight_processes_equals_one_process(tmp_path, reference):
+    """All three dimensions at once, with the distributed optimizer. Sequence parallelism is not
+    part of it: gloo has its collectives, but Megatron's torch LayerNorm (the norm without
+    Transformer Engine or Apex) refuses it, and the preflight says so."""
+    _train(tmp_path / "run", 8, *TP2, *PP2, "parallel.use_distributed_optimizer=true")
     assert_same_run(reference, _metrics(tmp_path / "run"))

@@ -454,3 +454,19 @@ def test_replay_of_a_log_cut_before_its_release_line_does_not_claim_disagreement
     # A complete log without the release line still disagrees.
     full = write_run(tmp_path / "full", scores(40, 2, high_from=8), 40, None, RULE)
     assert replay_run(full)["agrees"] is False
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("apex") is not None
+    or __import__("torch").cuda.is_available(),
+    reason="sequence parallelism is supported here",
+)
+def test_preflight_says_what_sequence_parallelism_needs(tmp_path):
+    cfg = tiny(
+        tmp_path,
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.sequence_parallel=true",
+    )
+    with pytest.raises(PreflightError, match="parallel.sequence_parallel: needs the layer norms"):
+        preflight(cfg, world_size=2)
+    preflight(cfg, world_size=2, check_device=False)  # a dry run on a login node passes

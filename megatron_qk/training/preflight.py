@@ -132,6 +132,19 @@ def _environment_problems(cfg: ExperimentConfig, check_device: bool) -> list[Con
     if not check_device:
         return problems
     cuda = torch.cuda.is_available()
+    if cfg.parallel.sequence_parallel:
+        # Megatron's local spec uses torch LayerNorm without Apex, which refuses sequence
+        # parallelism (torch_norm.py); TE's and Apex's norms support it. The collectives
+        # themselves (sequence reduce-scatter/all-gather) also exist on gloo.
+        te = cuda and cfg.model.impl != "local" and importlib.util.find_spec("transformer_engine")
+        if not (te or importlib.util.find_spec("apex")):
+            problems.append(
+                ConfigError(
+                    "parallel.sequence_parallel",
+                    "needs the layer norms of Transformer Engine (model.impl auto/te on a GPU) "
+                    "or Apex: Megatron's torch LayerNorm does not support it",
+                )
+            )
     if cfg.parallel.backend == "nccl" and not cuda:
         problems.append(ConfigError("parallel.backend", "nccl needs CUDA; use gloo or auto on CPU"))
     return problems
@@ -180,7 +193,8 @@ def preflight(
         scan_tokens: scan token ids of indexed data (only one process per node need do it).
         probe_lock: also report a run directory that another training holds (dry run).
         run_dir: check the output directory (global rank 0 only: it owns the directory).
-        check_device: check what needs this machine's accelerator (the NCCL backend);
+        check_device: check what needs this machine's software or accelerator (NCCL, the norms
+            sequence parallelism needs);
             off for a dry run, which may run on a login node without GPUs.
 
     Raises:
