@@ -26,5 +26,5 @@ fi
 # Validate before starting GPUS processes: a bad key fails here once, with its file:line.
 mqk train "$CONFIG" --dry-run --nproc-per-node "$GPUS" "${SET[@]}" >/dev/null
 echo "train.sh: $CONFIG on $GPUS process(es) ${OVERRIDES[*]}"
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$GPUS" \
+exec "$PYTHON" -m megatron_qk.training.torchrun --standalone --nproc-per-node "$GPUS" \
   -m megatron_qk.train "$CONFIG" "${SET[@]}"
