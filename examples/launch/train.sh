@@ -21,7 +21,7 @@ GPUS="${GPUS:-$(count_gpus)}"
 build_overrides "$@"
 mapfile -d '' SET < <(set_flags "${OVERRIDES[@]}")
 if [ "${DRY_RUN:-0}" = "1" ]; then
-  exec "$PYTHON" -m megatron_qk.cli train "$CONFIG" --dry-run --nproc-per-node "$GPUS" "${SET[@]}"
+  exec "$PYTHON" -m megatron_qk.cli train "$CONFIG" --dry-run --no-data-check --nproc-per-node "$GPUS" "${SET[@]}"
 fi
 # Validate before starting GPUS processes: a bad key fails here once, with its file:line.
 mqk train "$CONFIG" --dry-run --nproc-per-node "$GPUS" "${SET[@]}" >/dev/null

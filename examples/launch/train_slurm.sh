@@ -63,7 +63,7 @@ cmd=(srun --nodes "$NODES" --ntasks-per-node 1 "${cpus[@]}" "${container[@]}"
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${SLURM_JOB_ID:-dry-run}"
   -m megatron_qk.train "$CONFIG" "${SET[@]}")
 if [ "${DRY_RUN:-0}" = "1" ]; then
-  mqk train "$CONFIG" --dry-run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NODES" "${SET[@]}"
+  mqk train "$CONFIG" --dry-run --no-data-check --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NODES" "${SET[@]}"
   echo "would run: ${cmd[*]}"
   exit 0
 fi

@@ -183,6 +183,7 @@ def preflight(
     probe_lock: bool = False,
     run_dir: bool = True,
     check_device: bool = True,
+    check_data: bool = True,
 ) -> None:
     """Check everything about ``cfg`` that can be checked without training.
 
@@ -194,8 +195,9 @@ def preflight(
         probe_lock: also report a run directory that another training holds (dry run).
         run_dir: check the output directory (global rank 0 only: it owns the directory).
         check_device: check what needs this machine's software or accelerator (NCCL, the norms
-            sequence parallelism needs);
-            off for a dry run, which may run on a login node without GPUs.
+            sequence parallelism needs); off for a dry run, which may run on a login node.
+        check_data: check the data files (off only for a dry run planning a run before its
+            data exists).
 
     Raises:
         PreflightError: listing every problem found, each naming its key.
@@ -206,7 +208,8 @@ def preflight(
     except ConfigError as exc:
         problems.append(exc)
     problems += _rule_problems(cfg)
-    problems += _data_problems(cfg, scan_tokens)
+    if check_data:
+        problems += _data_problems(cfg, scan_tokens)
     problems += _environment_problems(cfg, check_device)
     if run_dir:
         problems += run_dir_problems(cfg, overwrite, probe_lock)

@@ -46,6 +46,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "build the model, print parameter counts, do not train",
     )
     parser.add_argument(
+        "--no-data-check",
+        action="store_true",
+        help="with --dry-run: do not check the data files (planning a run before its data "
+        "exists); a real run always checks them",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="start over in an output_dir holding an earlier run: that run is moved, intact, to "
@@ -94,7 +100,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.dry_run:
-            preflight(cfg, world, overwrite=args.overwrite, probe_lock=True, check_device=False)
+            preflight(
+                cfg,
+                world,
+                overwrite=args.overwrite,
+                probe_lock=True,
+                check_device=False,
+                check_data=not args.no_data_check,
+            )
             # The layout was validated for the requested world size above; the count itself is
             # layout-independent and is taken in this one process.
             report = dry_run(cfg)
