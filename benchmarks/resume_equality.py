@@ -1,6 +1,6 @@
 """Loss equality of interrupted runs against an uninterrupted one (prints JSON).
 
-Three runs of the tiny preset (6 steps, the paper's rule releasing at the step-3 evaluation,
+Runs of the tiny preset (6 steps, the paper's rule releasing at the step-3 evaluation,
 diagnostics on 8 sequences), each through the real CLI:
 
 - ``reference``: one process, uninterrupted, distributed optimizer;
@@ -9,12 +9,14 @@ diagnostics on 8 sequences), each through the real CLI:
 - ``preempt``: one process sent SIGUSR1 once step 2 is logged (it saves and exits 75), then
   rerun;
 - ``new_layout``: one process stopped at step 3 (``training.exit_after_steps``), resumed by two
-  processes (DP=2).
+  processes (DP=2);
+- ``tp2``: the same, resumed by two processes as TP=2 (``model.vocab_pad_multiple=64`` in both
+  launches, so the padded vocabulary is the same 50,304 rows under TP=1 and TP=2).
 
 For each, the largest relative difference from the reference over every train loss, validation
 loss and diag value, the release steps, and exit codes. Usage::
 
-    python benchmarks/resume_equality.py [--out DIR]
+    python benchmarks/resume_equality.py [--out DIR] [--scenarios kill preempt new_layout tp2]
 """
 
 from __future__ import annotations
@@ -94,10 +96,45 @@ def _compare(ref: list[dict], got: list[dict]) -> dict:
     }
 
 
+def _kill(run_dir: Path) -> dict:
+    cmd = _cmd(run_dir, 1, "training.save_interval=2")
+    first = _interrupt(cmd, run_dir, 3, signal.SIGKILL)
+    return {"first_rc": first, "resume_rc": _run(cmd)}
+
+
+def _preempt(run_dir: Path) -> dict:
+    cmd = _cmd(run_dir, 1)
+    first = _interrupt(cmd, run_dir, 2, signal.SIGUSR1)
+    return {"first_rc": first, "resume_rc": _run(cmd)}
+
+
+def _new_layout(run_dir: Path, both: tuple = (), resumed: tuple = ()) -> dict:
+    """Stop at step 3 on one process, resume on two (``resumed``: the layout keys)."""
+    first = _run(_cmd(run_dir, 1, *both, "training.exit_after_steps=3"))
+    return {"first_rc": first, "resume_rc": _run(_cmd(run_dir, 2, *both, *resumed))}
+
+
+SCENARIOS = {
+    "kill": _kill,
+    "preempt": _preempt,
+    "new_layout": _new_layout,
+    "tp2": lambda run_dir: _new_layout(
+        run_dir, ("model.vocab_pad_multiple=64",), ("parallel.tensor_model_parallel_size=2",)
+    ),
+}
+
+
 def main() -> int:
-    """Run the four scenarios and print the JSON report."""
+    """Run the chosen scenarios and print the JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="work directory (default: a temporary one)")
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=list(SCENARIOS),
+        choices=list(SCENARIOS),
+        help="which interrupted runs to compare (default: all)",
+    )
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="mqk-resume-"))
     report: dict = {}
@@ -106,22 +143,9 @@ def main() -> int:
     ref = _records(ref_dir)
     report["reference_release_steps"] = [r["step"] for r in ref if r["kind"] == "release"]
 
-    kill_dir = out / "kill"
-    kill_cmd = _cmd(kill_dir, 1, "training.save_interval=2")
-    first = _interrupt(kill_cmd, kill_dir, 3, signal.SIGKILL)
-    report["kill"] = {"first_rc": first, "resume_rc": _run(kill_cmd)}
-    report["kill"].update(_compare(ref, _records(kill_dir)))
-
-    pre_dir = out / "preempt"
-    pre_cmd = _cmd(pre_dir, 1)
-    first = _interrupt(pre_cmd, pre_dir, 2, signal.SIGUSR1)
-    report["preempt"] = {"first_rc": first, "resume_rc": _run(pre_cmd)}
-    report["preempt"].update(_compare(ref, _records(pre_dir)))
-
-    lay_dir = out / "new_layout"
-    first = _run(_cmd(lay_dir, 1, "training.exit_after_steps=3"))
-    report["new_layout_1_to_2"] = {"first_rc": first, "resume_rc": _run(_cmd(lay_dir, 2))}
-    report["new_layout_1_to_2"].update(_compare(ref, _records(lay_dir)))
+    for name in args.scenarios:
+        report[name] = SCENARIOS[name](out / name)
+        report[name].update(_compare(ref, _records(out / name)))
     print(json.dumps(report, indent=2))
     return 0
 
