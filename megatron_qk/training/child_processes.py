@@ -5,6 +5,10 @@ trainer is killed while they run they become orphans holding hundreds of MB. Aft
 ``os.fork`` in this process the child asks the Linux kernel for SIGKILL when its parent exits
 (``prctl(PR_SET_PDEATHSIG)``), and exits at once if the parent is already gone. Elsewhere
 (not Linux) this is a no-op.
+
+The kernel ties the signal to the *thread* that forked: a child forked from a short-lived thread
+would be killed when that thread ends. megatron-qk saves checkpoints synchronously from the main
+thread, so its writers are forked there; keep it so if asynchronous saving is ever added.
 """
 
 from __future__ import annotations
