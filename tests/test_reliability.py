@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from megatron_qk.config.loader import load_config
-from megatron_qk.config.schema import ConfigError
 from megatron_qk.data.indexed import write_indexed_dataset
 from megatron_qk.data.validate import DataFileError, check_indexed_dataset
 from megatron_qk.rundir.lock import RunDirBusyError, RunDirLock
@@ -404,10 +403,6 @@ def test_strict_preprocessing_does_not_advise_a_rerun_that_fails_again(tmp_path,
     strict, interrupted = [r.getMessage() for r in caplog.records]
     assert "stops at the same record" in strict and "without --strict" in strict
     assert "running the same command again continues" in interrupted
-
-
-def test_config_error_is_a_preflight_base():
-    assert issubclass(PreflightError, ConfigError)
 
 
 def test_slurm_script_requests_the_signal_and_requeues_a_preempted_run(tmp_path):
