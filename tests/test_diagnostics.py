@@ -31,8 +31,11 @@ def test_uniform_attention_statistics():
     copy_sum, copy_count = stats[0].tolist()
     # Repeated positions 2, 3, 5 see 3, 4, 6 keys; two heads each.
     assert copy_count == 3 * heads
+    # Six fp32 softmax outputs of <= 6 equal logits summed: a few roundings each, well inside
+    # approx's default rel 1e-6 (gamma(12) = 7e-7 in tests/fp32_bounds.py).
     assert copy_sum == pytest.approx(heads * (1 / 3 + 1 / 4 + 1 / 6))
     ent_sum, ent_count = stats[1].tolist()
+    # Uniform rows: entropy log(n) / log(n) from fp32 exp/log of <= 6 terms, a few ulps (6e-8 each).
     assert ent_count == (s - 1) * heads and ent_sum / ent_count == pytest.approx(1.0, abs=1e-6)
     assert stats[2, 0].item() == 0.0 and stats[2, 1].item() == heads * s * (s + 1) / 2
 
@@ -49,6 +52,8 @@ def test_sharp_copy_attention_and_gqa():
     # Position 2 (token 0) attends to positions 0 and 2 equally (the diagonal counts too):
     # mass 0.5 on the nearest previous occurrence; position 4 (token 1): same with position 1.
     assert stats[0, 1].item() == 2 * 2
+    # Two equal logits (50) against others at 0: each non-matching weight is e^-50 ~ 2e-22, far
+    # below fp32 resolution of 0.5, so the mass is 0.5 to a few ulps (abs 1e-6).
     assert stats[0, 0].item() / stats[0, 1].item() == pytest.approx(0.5, abs=1e-6)
     assert stats[1, 0].item() / stats[1, 1].item() < 0.5  # sharp rows: low entropy
 
@@ -103,6 +108,8 @@ def test_one_hot_attention_has_zero_entropy():
     key = basis[:, None, None, :]
     query = 1000.0 * basis[:, None, None, :]
     stats = layer_statistics(query, key, torch.arange(s)[None], scale=1.0)[0]
+    # Logit gaps of 1000: off-diagonal weights e^-1000 underflow to 0, so entropy is 0 up to the
+    # rounding of -p log p at p = 1 (a few ulps).
     assert stats[1, 0].item() / stats[1, 1].item() == pytest.approx(0.0, abs=1e-6)
     # Causal pairs: s*(s+1)/2; only the s diagonal ones are non-zero (1000 each).
     assert stats[2, 1].item() == s * (s + 1) / 2
@@ -121,6 +128,7 @@ def test_per_head_statistics_are_independent_per_head():
     query = torch.stack([torch.zeros(s, hn), 1000.0 * basis], dim=1)[:, None]  # [s, 1, 2, hn]
     stats = layer_statistics(query, key, torch.arange(s)[None], scale=1.0)
     entropy = stats[:, 1, 0] / stats[:, 1, 1]
+    # Exactly uniform (zero logits) and one-hot (gap 1000) rows: a few ulps of fp32 exp/log.
     assert entropy.tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
 
 

@@ -138,6 +138,11 @@ def test_loglikelihood_equals_direct_computation(loaded):
     got = lm.loglikelihood(requests(pairs), disable_tqdm=True)
     want = [direct_loglikelihood(model, c, x) for c, x in pairs]
     for (g_ll, g_greedy), (w_ll, w_greedy) in zip(got, want, strict=True):
+        # Batched (padded) vs one-by-one forward passes sum the same fp32 products in another
+        # order; the log-softmax over the ~50k padded vocabulary dominates: its log-sum-exp
+        # carries ~sqrt(V) * 2^-24 ~ 1.4e-5 absolute per token (random-walk rounding), summed
+        # over the <= 10 continuation tokens here: abs 2e-4. A wrong context cut moves it by
+        # > 1e-3 (asserted below).
         assert g_ll == pytest.approx(w_ll, abs=2e-4)
         assert g_greedy == w_greedy
     assert want[0][1] and not want[5][1]
@@ -156,6 +161,8 @@ def test_loglikelihood_rolling_equals_direct_computation(loaded):
     assert len(ENC.encode_ordinary(texts[1])) > 2 * SEQ
     got = lm.loglikelihood_rolling(requests([(t,) for t in texts], "loglikelihood_rolling"))
     for g, text in zip(got, texts, strict=True):
+        # As above, over ~140 tokens: 140 x 1.4e-5 = 2e-3 if every error had one sign; as
+        # independent roundings they add to ~sqrt(140) x 1.4e-5 ~ 2e-4: abs 5e-4.
         assert g == pytest.approx(direct_rolling(loaded.model, text), abs=5e-4)
 
 

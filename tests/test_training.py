@@ -41,6 +41,7 @@ def test_run_directory_contract_and_learning(tmp_path):
     for key in ("final_val_loss", "final_val_ppl", "steps", "tokens", "arm", "seed", "release"):
         assert key in saved
     assert saved["steps"] == 30 and saved["tokens"] == 30 * 8 * 64
+    # ppl = exp(val_loss) in Python doubles, both sides: equal to ~1 ulp (2e-16).
     assert math.isclose(saved["final_val_ppl"], math.exp(saved["final_val_loss"]), rel_tol=1e-9)
     records = read_metrics(run_dir)
     train = [r for r in records if r["kind"] == "train"]
@@ -54,6 +55,8 @@ def test_run_directory_contract_and_learning(tmp_path):
     # Megatron's schedule: the first update uses the warmup's initial lr 0, the peak is reached
     # after warmup, and the cosine ends at 10% of the peak.
     lrs = [r["lr"] for r in train]
+    # The scheduler computes lr in doubles (a few ulps off 3e-3); a wrong warmup or peak moves
+    # it by >= 1/warmup_steps relative, far above 1e-6.
     assert lrs[0] == 0.0 and max(lrs) == pytest.approx(3e-3, rel=1e-6)
     peak = lrs.index(max(lrs))
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))

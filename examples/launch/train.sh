@@ -21,12 +21,12 @@ GPUS="${GPUS:-$(count_gpus)}"
 build_overrides "$@"
 mapfile -d '' SET < <(set_flags "${OVERRIDES[@]}")
 if [ "${DRY_RUN:-0}" = "1" ]; then
-  exec "$PYTHON" -m megatron_qk.cli train "$CONFIG" --dry-run --nproc-per-node "$GPUS" "${SET[@]}"
+  exec "$PYTHON" -m megatron_qk.cli train "$CONFIG" --dry-run --no-data-check --nproc-per-node "$GPUS" "${SET[@]}"
 fi
 # Validate before starting GPUS processes: a bad key fails here once, with its file:line.
 mqk train "$CONFIG" --dry-run --nproc-per-node "$GPUS" "${SET[@]}" >/dev/null
 echo "train.sh: $CONFIG on $GPUS process(es) ${OVERRIDES[*]}"
 # Kernels in issue order so TP/SP communication overlaps the GEMMs (Megatron warns otherwise).
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$GPUS" \
+exec "$PYTHON" -m megatron_qk.training.torchrun --standalone --nproc-per-node "$GPUS" \
   -m megatron_qk.train "$CONFIG" "${SET[@]}"

@@ -6,6 +6,11 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --exclusive
 #SBATCH --output=slurm-%x-%j.out
+# 120 s before the time limit every training process gets SIGUSR1: it finishes its step, saves a
+# checkpoint, logs a `preempted` event and exits 75; this script then requeues the job, which
+# resumes from that checkpoint (scancel/preemption SIGTERM takes the same path).
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
 # Multi-node training: srun starts one torchrun per node; a static rendezvous (node rank =
 # SLURM_NODEID, the store on the first node of the allocation, a random port per job) starts
 # GPUS_PER_NODE processes on each. torch's c10d rendezvous backend is not used: it unpickles state
@@ -60,11 +65,11 @@ cpus=()
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then cpus=(--cpus-per-task "$SLURM_CPUS_PER_TASK"); fi
 cmd=(srun --nodes "$NODES" --ntasks-per-node 1 "${cpus[@]}" "${container[@]}"
   bash -c 'PET_NODE_RANK="$SLURM_NODEID" exec "$@"' node-rank
-  "$PYTHON" -m torch.distributed.run --nnodes "$NODES" --nproc-per-node "$GPUS_PER_NODE"
+  "$PYTHON" -m megatron_qk.training.torchrun --nnodes "$NODES" --nproc-per-node "$GPUS_PER_NODE"
   --rdzv-backend static --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
   -m megatron_qk.train "$CONFIG" "${SET[@]}")
 if [ "${DRY_RUN:-0}" = "1" ]; then
-  mqk train "$CONFIG" --dry-run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NODES" "${SET[@]}"
+  mqk train "$CONFIG" --dry-run --no-data-check --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NODES" "${SET[@]}"
   echo "would run: ${cmd[*]}"
   exit 0
 fi
@@ -72,4 +77,12 @@ fi
 mqk train "$CONFIG" --dry-run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NODES" "${SET[@]}" >/dev/null
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 echo "train_slurm.sh: $CONFIG on $NODES x $GPUS_PER_NODE, rendezvous $MASTER_ADDR:$MASTER_PORT"
-exec "${cmd[@]}"
+# megatron_qk.training.torchrun is torchrun whose launcher ignores SIGUSR1 (left to the trainers)
+# and exits 75 when the trainers stopped for preemption.
+rc=0
+"${cmd[@]}" || rc=$?
+if [ "$rc" -eq 75 ]; then
+  echo "train_slurm.sh: preempted at a checkpoint; requeueing job $SLURM_JOB_ID" >&2
+  "${SCONTROL:-scontrol}" requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"

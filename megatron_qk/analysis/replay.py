@@ -298,6 +298,13 @@ def replay_run(
             and logged is not None
             and (replayed["step"], replayed["reason"]) == (logged["step"], logged["reason"])
         )
+    # A log that ends at the step the replay releases may have been cut (killed run, copy in
+    # progress) just before the run could write that release line: nothing to compare yet.
+    cut_before_release = (
+        same and logged is None and replayed is not None and replayed["step"] >= log.last_step
+    )
+    if cut_before_release:
+        agrees = None
     crossing = first_crossing(log.scores, settings.threshold)
     out = {
         "metrics": str(path),
@@ -315,6 +322,7 @@ def replay_run(
             else {"step": crossing[0], "frac": crossing[0] / log.planned_steps}
         ),
         "variants": [],
+        "log_ends_at_release": cut_before_release,
     }
     if variants:
         rows = [("Main rule", settings)]
@@ -360,6 +368,11 @@ def format_report(result: dict) -> str:
         lines.append(f"agrees with the run's own release: {'yes' if result['agrees'] else 'NO'}")
     elif result["logged"] is not None:
         lines.append("(settings differ from the run's, so the releases need not agree)")
+    elif result.get("log_ends_at_release"):
+        lines.append(
+            "(the log ends at the replayed release step, before the run's own release line "
+            "could be written: no comparison possible)"
+        )
     if result["variants"]:
         lines += [
             "",

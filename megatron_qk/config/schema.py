@@ -268,6 +268,9 @@ class DataConfig:
     synthetic_pattern: Literal["repeat", "random"] = "repeat"
     # Synthetic data: number of distinct token ids used.
     synthetic_vocab: int = 64
+    # Scan every token id of the indexed data against model.vocab_size before training (streams
+    # the .bin once; turn off only for trusted corpora too large to scan at each launch).
+    check_token_ids: bool = True
 
     def __post_init__(self) -> None:
         if self.kind == "indexed" and not self.train_prefixes:

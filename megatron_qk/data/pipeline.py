@@ -206,6 +206,7 @@ def _tokenize(run: OutputRun, sources: list[Source], total_records: int | None) 
     bar = _progress_bar(cfg, total_records, state.records)
     since_commit = 0
     clean_exit = False
+    strict_stop = False
     results = processor.map_ordered(batches)
     try:
         for batch, enc in results:
@@ -226,20 +227,32 @@ def _tokenize(run: OutputRun, sources: list[Source], total_records: int | None) 
                 run.commit()
                 since_commit = 0
         clean_exit = True
+    except PreprocessError:
+        strict_stop = cfg.strict  # a strict-mode bad record: rerunning stops at it again
+        raise
     finally:
         results.close()  # closes the reader and its open input file
         processor.close()
         if bar is not None:
             bar.close()
         if not clean_exit:
-            _commit_after_error(run)
+            _commit_after_error(run, strict_stop)
     run.commit()
 
 
-def _commit_after_error(run: OutputRun) -> None:
+def _commit_after_error(run: OutputRun, strict_stop: bool = False) -> None:
     """Keep the progress of an interrupted run (the state covers only fully written chunks)."""
     try:
         run.commit()
+        if strict_stop:
+            logger.warning(
+                "stopped at a bad record in --strict mode; %s documents are committed in %s. "
+                "Running the same command again stops at the same record: fix or remove it "
+                "(file:line above), or rerun without --strict to skip and count bad records",
+                f"{run.state.total_documents:,}",
+                run.work.path,
+            )
+            return
         logger.warning(
             "stopped; %s documents (%s tokens) are committed in %s and running the same command "
             "again continues from there",

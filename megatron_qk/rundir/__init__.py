@@ -1,1 +1,1 @@
-"""Run-directory helpers that need no torch (identity, layout, files)."""
+"""Torch-free run-directory helpers: identity, the training lock, moving an old run aside."""

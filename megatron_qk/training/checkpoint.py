@@ -166,7 +166,6 @@ def save_checkpoint(
     Returns:
         The final checkpoint directory.
     """
-    from megatron.core import dist_checkpointing
 
     name = checkpoint_name(state.step)
     final = ckpt_root / name
@@ -182,18 +181,13 @@ def save_checkpoint(
     sharded["optimizer"] = optimizer.sharded_state_dict(
         sharded, is_loading=False, metadata=OPTIMIZER_CKPT_METADATA
     )
-    dist_checkpointing.save(sharded, str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
-    if _rank() == 0:
-        torch.save(
-            {
-                "step": state.step,
-                "consumed_samples": state.consumed_samples,
-                "scheduler": state.scheduler,
-                "extra": state.extra,
-            },
-            tmp / "train_state.pt",
-        )
+    try:
+        _write_checkpoint_files(sharded, tmp, model_chunks, state)
+    except (OSError, RuntimeError) as exc:
+        from megatron_qk.training.save_errors import CheckpointSaveError, save_failure_message
+
+        message = save_failure_message(tmp, latest_checkpoint(ckpt_root), exc)
+        raise CheckpointSaveError(message) from exc
     _barrier()
     if _rank() == 0:
         if final.exists():
@@ -206,8 +200,33 @@ def save_checkpoint(
     return final
 
 
+def _write_checkpoint_files(sharded: dict, tmp: Path, model_chunks: list, state: TrainState):
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(sharded, str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    if _rank() == 0:
+        from megatron_qk.training.resume_layout import current_layout
+
+        torch.save(
+            {
+                "step": state.step,
+                "consumed_samples": state.consumed_samples,
+                "scheduler": state.scheduler,
+                "extra": state.extra,
+                "layout": current_layout(),
+                "padded_vocab": getattr(unwrap_model(model_chunks[0]), "vocab_size", None),
+            },
+            tmp / "train_state.pt",
+        )
+
+
 def load_checkpoint(
-    path: Path, model_chunks: list, optimizer=None, restore_rng: bool = True
+    path: Path,
+    model_chunks: list,
+    optimizer=None,
+    restore_rng: bool = True,
+    seed: int = 0,
 ) -> TrainState:
     """Load model (and optimizer, RNG) state from ``path`` in place (collective).
 
@@ -215,7 +234,9 @@ def load_checkpoint(
         path: a checkpoint directory written by :func:`save_checkpoint`.
         model_chunks: the (DDP-wrapped or bare) model chunks, built with the same config.
         optimizer: the Megatron optimizer, or None to load weights only (diagnose/eval).
-        restore_rng: restore this rank's RNG states (needs the same world size as the save).
+        restore_rng: restore this rank's RNG states when the layout is the saved one, else
+            re-seed deterministically from ``seed`` and the step (with a warning).
+        seed: the recipe's ``training.seed`` (for that re-seed).
 
     Returns:
         The scalar train state; the caller restores the scheduler from ``state.scheduler``.
@@ -224,9 +245,20 @@ def load_checkpoint(
 
     if not (path / "train_state.pt").exists():
         raise FileNotFoundError(f"{path} is not a megatron-qk checkpoint (no train_state.pt)")
+    from megatron_qk.training.resume_layout import (
+        check_padded_vocab,
+        load_optimizer_state,
+        prepare_optimizer_for_load,
+        restore_or_reseed_rng,
+    )
+
     raw = load_state_file(path / "train_state.pt")
+    check_padded_vocab(
+        path, raw.get("padded_vocab"), getattr(unwrap_model(model_chunks[0]), "vocab_size", None)
+    )
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
+        prepare_optimizer_for_load(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded, is_loading=True, metadata=OPTIMIZER_CKPT_METADATA
         )
@@ -240,12 +272,7 @@ def load_checkpoint(
         for i, m in enumerate(bare):
             load_canonical_state_dict(m, loaded[f"model{i}"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"])
     if restore_rng:
-        rng_file = path / f"rng_rank{_rank()}.pt"
-        if not rng_file.exists():
-            raise RuntimeError(
-                f"{rng_file} is missing: resume with the same number of processes as the save"
-            )
-        _set_rng_state(load_state_file(rng_file))
+        restore_or_reseed_rng(path, raw.get("layout"), seed, raw["step"], _rank())
     return TrainState(raw["step"], raw["consumed_samples"], raw["scheduler"], raw["extra"])

@@ -3,34 +3,88 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from megatron_qk.config.schema import ExperimentConfig
-from megatron_qk.training.distributed import setup_distributed, teardown_distributed
+from megatron_qk.training.distributed import (
+    setup_distributed,
+    teardown_distributed,
+    world_size_from_env,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def train_from_config(cfg: ExperimentConfig) -> dict | None:
+def _env_rank(name: str) -> int:
+    return int(os.environ.get(name, "0"))
+
+
+def train_from_config(cfg: ExperimentConfig, overwrite: bool = False) -> dict | None:
     """Train (or resume) one run in this process group member.
+
+    Before the model is built: the preflight checks (:mod:`~megatron_qk.training.preflight`),
+    then global rank 0 takes the run directory's lock for the life of the training and, with
+    ``overwrite``, moves an earlier run aside to ``RUN_DIR.prev-<timestamp>``.
+
+    Args:
+        cfg: the recipe.
+        overwrite: start over in a directory holding an earlier run by moving that run aside.
 
     Returns:
         The run summary on the logging rank, None on other ranks.
-    """
-    from megatron_qk.training.loop import NonFiniteLossError, Trainer
 
-    info = setup_distributed(cfg)
+    Raises:
+        PreflightError: a recipe problem found before the build (names the key).
+        RunDirBusyError: another training holds the run directory (names host and pid).
+        SystemExit: 3 on a non-finite loss, 4 when a checkpoint cannot be written, 75
+            (``PREEMPTED_EXIT_CODE``) when stopped by SIGTERM/SIGUSR1 after saving a checkpoint.
+    """
+    from megatron_qk.rundir.lock import RunDirLock
+    from megatron_qk.rundir.previous import holds_run, move_run_aside
+    from megatron_qk.training.child_processes import make_forked_children_die_with_parent
+    from megatron_qk.training.loop import NonFiniteLossError, Trainer
+    from megatron_qk.training.preemption import PREEMPTED_EXIT_CODE, PreemptedError, PreemptionWatch
+    from megatron_qk.training.preflight import preflight
+    from megatron_qk.training.save_errors import CheckpointSaveError
+
+    rank0 = _env_rank("RANK") == 0
+    preflight(cfg, world_size_from_env(), overwrite=overwrite, scan_tokens=rank0, run_dir=rank0)
+    lock = RunDirLock(cfg.training.output_dir) if rank0 else None
+    watch = PreemptionWatch()
+    if lock is not None:
+        lock.acquire()
     try:
-        trainer = Trainer(cfg, info)
+        if lock is not None and overwrite and holds_run(lock.run_dir):
+            moved = move_run_aside(lock.run_dir)
+            print(f"megatron-qk train: moved the earlier run to {moved}", file=sys.stderr)
+        make_forked_children_die_with_parent()
+        watch.install()
+        info = setup_distributed(cfg)
         try:
-            summary = trainer.run()
-        except NonFiniteLossError as exc:
-            if info.is_logging_rank:
-                print(f"megatron-qk train: {exc}", file=sys.stderr)
-            raise SystemExit(3) from None
-        return summary if info.is_logging_rank else None
+            trainer = Trainer(cfg, info)
+            trainer.preemption = watch
+            try:
+                summary = trainer.run()
+            except NonFiniteLossError as exc:
+                if info.is_logging_rank:
+                    print(f"megatron-qk train: {exc}", file=sys.stderr)
+                raise SystemExit(3) from None
+            except CheckpointSaveError as exc:
+                if info.is_logging_rank:
+                    print(f"megatron-qk train: {exc}", file=sys.stderr)
+                raise SystemExit(4) from None
+            except PreemptedError as exc:
+                if info.is_logging_rank:
+                    print(f"megatron-qk train: {exc}", file=sys.stderr)
+                raise SystemExit(PREEMPTED_EXIT_CODE) from None
+            return summary if info.is_logging_rank else None
+        finally:
+            teardown_distributed()
     finally:
-        teardown_distributed()
+        watch.uninstall()
+        if lock is not None:
+            lock.release()
 
 
 def dry_run(cfg: ExperimentConfig) -> dict:
@@ -46,8 +100,6 @@ def dry_run(cfg: ExperimentConfig) -> dict:
     from megatron_qk.training.restore import single_process_config
 
     single = single_process_config(cfg)
-    import os
-
     saved = {k: os.environ.pop(k, None) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     setup_distributed(single)
     try:

@@ -171,6 +171,8 @@ class Trainer:
 
         self.throughput = ThroughputMeter(cfg, padded_vocab_size(cfg), info.world_size)
         self.profiler = StepProfiler(cfg, info.rank, self.run_dir)
+        # A PreemptionWatch polled after every step (train_from_config sets it), or None.
+        self.preemption = None
 
     # ----------------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
@@ -341,7 +343,9 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
         if path is None:
             return False
-        state = ckpt.load_checkpoint(path, self.model_chunks, self.optimizer)
+        state = ckpt.load_checkpoint(
+            path, self.model_chunks, self.optimizer, seed=self.cfg.training.seed
+        )
         self.scheduler.load_state_dict(state.scheduler)
         self.step, self.consumed_samples = state.step, state.consumed_samples
         self.releases = dict(state.extra.get("releases", {}))
@@ -403,6 +407,7 @@ class Trainer:
             total=self.planned_steps,
             initial=self.step,
             desc=f"{cfg.name}/{cfg.arm}",
+            log_lines=info.is_logging_rank,
         )
         if resumed:
             bar.write(f"resumed from step {self.step} ({self.consumed_samples} samples)")
@@ -428,6 +433,8 @@ class Trainer:
                 if t.save_interval and self.step % t.save_interval == 0 and not is_last:
                     self.save()
                     saved_at = self.step
+                if self.preemption is not None:
+                    saved_at = self._stop_if_preempted(sinks, bar, saved_at)
             if self.step > start_step and saved_at != self.step:
                 self.save()
         finally:
@@ -441,6 +448,24 @@ class Trainer:
         if info.is_logging_rank and self.step == self.planned_steps:
             write_summary(self.run_dir, summary)
         return summary
+
+    def _stop_if_preempted(self, sinks: MetricsSinks, bar: ProgressBar, saved_at: int) -> int:
+        """After a step: if any rank got SIGTERM/SIGUSR1, save, log the event and stop."""
+        from megatron_qk.training.preemption import PreemptedError, preempted_record
+
+        signal_name = self.preemption.poll(self.info.device)
+        if signal_name is None or self.step >= self.planned_steps:
+            return saved_at  # at the last step the run finishes (final save and summary)
+        path = (
+            self.save()
+            if saved_at != self.step
+            else ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        )
+        tokens = self.consumed_samples * self.cfg.model.seq_length
+        frac = self.step / self.planned_steps
+        sinks.write(preempted_record(self.step, frac, tokens, signal_name, str(path)))
+        bar.write(f"{signal_name}: saved {path} after step {self.step}; stopping")
+        raise PreemptedError(self.step, signal_name, str(path))
 
     def _evaluate_and_log(self, sinks: MetricsSinks, bar: ProgressBar) -> None:
         record = self.evaluate()

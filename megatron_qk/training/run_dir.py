@@ -27,6 +27,14 @@ RESUME_FREE_KEYS = {
     "logging.peak_tflops_per_gpu",
     "training.profile_steps",
     "training.profile_ranks",
+    # The parallel layout may change on resume: dist-checkpointing reshards model and optimizer.
+    "parallel.tensor_model_parallel_size",
+    "parallel.pipeline_model_parallel_size",
+    "parallel.sequence_parallel",
+    "parallel.overlap_grad_reduce",
+    "parallel.overlap_param_gather",
+    "parallel.backend",
+    "data.check_token_ids",
 }
 
 
@@ -110,7 +118,7 @@ def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
         raise ConfigError(
             diff[0],
             f"{run_dir} holds a run with a different config ({details}); use another "
-            "training.output_dir or set training.resume=false to start over",
+            "training.output_dir, or pass --overwrite to move that run aside and start over",
         )
 
 

@@ -162,13 +162,23 @@ class MetricsSinks:
 class ProgressBar:
     """Rank-0 tqdm bar showing loss, tokens/s and ETA (tqdm computes the ETA)."""
 
-    def __init__(self, enabled: bool, total: int, initial: int, desc: str):
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str, log_lines: bool = True):
         self._bar = None
+        # Only the logging rank logs lines when the bar is off (other ranks would repeat them).
+        self._log_lines = log_lines
         if enabled:
+            import sys
+
             from tqdm import tqdm
 
+            # Redrawn in place on a terminal; in a file (SLURM logs) one line every 30 s.
             self._bar = tqdm(
-                total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0,
             )
         self._last = time.perf_counter()
 
@@ -183,7 +193,7 @@ class ProgressBar:
         """Print a line above the bar (or log it when the bar is off)."""
         if self._bar is not None:
             self._bar.write(text)
-        else:
+        elif self._log_lines:
             logger.info(text)
 
     def close(self) -> None:

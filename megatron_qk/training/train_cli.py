@@ -2,7 +2,13 @@
 
 ``megatron-qk train CONFIG --nproc-per-node N`` validates the recipe for N processes and then
 execs ``torchrun --nproc-per-node N -m megatron_qk.train CONFIG ...``; with N = 1 (the default)
-it trains in this process. ``--dry-run`` builds the model, reports parameter counts and exits.
+it trains in this process. ``--dry-run`` runs the preflight checks, builds the model, reports
+parameter counts and exits.
+
+Exit codes: 0 done (or stopped by ``training.exit_after_steps``); 2 recipe, preflight or run
+directory refusal (nothing trained, nothing changed); 3 non-finite loss (the last checkpoint is
+intact); 4 a checkpoint could not be written (e.g. disk full; the previous one is intact);
+75 preempted by SIGTERM/SIGUSR1 after saving a checkpoint (rerun to resume).
 """
 
 from __future__ import annotations
@@ -36,7 +42,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the recipe, build the model, print parameter counts, do not train",
+        help="preflight the recipe (layers, data files, output directory, logging packages), "
+        "build the model, print parameter counts, do not train",
+    )
+    parser.add_argument(
+        "--no-data-check",
+        action="store_true",
+        help="with --dry-run: do not check the data files (planning a run before its data "
+        "exists); a real run always checks them",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output_dir holding an earlier run: that run is moved, intact, to "
+        "OUTPUT_DIR.prev-<timestamp> (without it such a start is refused)",
     )
 
 
@@ -52,14 +71,14 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     cmd += ["-m", "megatron_qk.train", args.config]
     for item in args.overrides:
         cmd += ["--set", item]
-    from torch.distributed.run import main as torchrun_main
-
+    if args.overwrite:
+        cmd.append("--overwrite")
     from megatron_qk.models.speed import set_cuda_device_max_connections
+    from megatron_qk.training.torchrun import run_torchrun
 
     set_cuda_device_max_connections()  # inherited by every worker
 
-    torchrun_main(cmd)
-    return 0
+    return run_torchrun(cmd)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,15 +97,32 @@ def run(args: argparse.Namespace) -> int:
     world = args.nproc_per_node * args.nnodes
     if not args.dry_run and "WORLD_SIZE" not in os.environ and world > 1:
         return _launch_torchrun(args)
+    from megatron_qk.rundir.lock import RunDirBusyError
     from megatron_qk.training.entry import dry_run, train_from_config
+    from megatron_qk.training.preflight import preflight
 
-    if args.dry_run:
-        # The layout was validated for the requested world size above; the count itself is
-        # layout-independent and is taken in this one process.
-        report = dry_run(cfg)
-        print(json.dumps(report, indent=2))
-        return 0
-    summary = train_from_config(cfg)
+    try:
+        if args.dry_run:
+            preflight(
+                cfg,
+                world,
+                overwrite=args.overwrite,
+                probe_lock=True,
+                check_device=False,
+                check_data=not args.no_data_check,
+            )
+            # The layout was validated for the requested world size above; the count itself is
+            # layout-independent and is taken in this one process.
+            report = dry_run(cfg)
+            print(json.dumps(report, indent=2))
+            return 0
+        summary = train_from_config(cfg, overwrite=args.overwrite)
+    except ConfigError as exc:
+        print(f"megatron-qk train: config error: {exc}", file=sys.stderr)
+        return 2
+    except RunDirBusyError as exc:
+        print(f"megatron-qk train: {exc}", file=sys.stderr)
+        return 2
     if summary is not None:
         print(json.dumps(summary, indent=2))
     return 0

@@ -1,0 +1,58 @@
+"""Forked helpers (checkpoint writers, data workers) die with the trainer that forked them.
+
+Megatron's distributed-checkpoint writer forks worker processes (``fork`` context); if the
+trainer is killed while they run they become orphans holding hundreds of MB. After every
+``os.fork`` in this process the child asks the Linux kernel for SIGKILL when its parent exits
+(``prctl(PR_SET_PDEATHSIG)``), and exits at once if the parent is already gone. Elsewhere
+(not Linux) this is a no-op.
+
+The kernel ties the signal to the *thread* that forked: a child forked from a short-lived thread
+would be killed when that thread ends. megatron-qk saves checkpoints synchronously from the main
+thread, so its writers are forked there; keep it so if asynchronous saving is ever added.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+_installed = False
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _record_parent() -> None:
+    _fork_parent_pid[0] = os.getpid()
+
+
+def make_forked_children_die_with_parent() -> bool:
+    """Install the after-fork hook once per process (Linux only).
+
+    Returns:
+        True when the hook is (already) installed.
+    """
+    global _installed
+    if not sys.platform.startswith("linux"):
+        return False
+    if not _installed:
+        os.register_at_fork(
+            before=_record_parent,
+            after_in_child=lambda: _die_with_parent(_fork_parent_pid[0]),
+        )
+        _installed = True
+    return True
+
+
+# The pid of the process that is forking, recorded just before each fork.
+_fork_parent_pid = [os.getpid()]
