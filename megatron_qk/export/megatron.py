@@ -1,0 +1,1 @@
+"""Stock Megatron-Core checkpoint export (fused ``linear_qkv``)."""

@@ -1,0 +1,120 @@
+"""``megatron-qk export``: transformers and stock Megatron-Core exports compute our logits.
+
+Tolerance: the exported model sums the same fp32 products as ours, grouped differently (one fused
+QKV GEMM vs three, HF's RoPE/RMSNorm kernels), so each logit moves by a few fp32 roundings of the
+partial sums. With |logit| <~ 10 and sums over at most 256 terms of magnitude ~1 that is
+<~ 256 * 2**-24 * 10 ~ 1.5e-4 absolute in the worst case; in practice the errors cancel and we
+check rel 1e-5 with an absolute floor of 1e-5 (logits near zero).
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from export_checks import assert_hf_export_matches
+from megatron_qk.cli import main as cli_main
+from megatron_qk.config.loader import load_config
+from megatron_qk.export.hf import ExportError, hf_architecture
+from megatron_qk.training.entry import train_from_config
+
+LLAMA = (
+    "model.ffn=swiglu",
+    "model.normalization=rmsnorm",
+    "model.bias=false",
+    "model.num_query_groups=2",
+    "model.ffn_hidden_size=128",
+    "model.tie_embeddings=false",
+)
+
+
+def _train(out: Path, *overrides: str) -> Path:
+    cfg = load_config(
+        "tiny",
+        [
+            f"training.output_dir={out}",
+            "training.train_steps=3",
+            "training.eval_interval=0",
+            "logging.progress_bar=false",
+            "logging.tensorboard=false",
+            "model.num_layers=2",
+            *overrides,
+        ],
+    )
+    train_from_config(cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("gpt") / "run")
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("llama") / "run", *LLAMA)
+
+
+def test_gpt_style_exports_as_gpt_neox_with_our_logits(gpt_run, tmp_path):
+    config = assert_hf_export_matches(gpt_run, tmp_path / "hf")
+    assert config["architectures"] == ["GPTNeoXForCausalLM"]
+    assert config["use_parallel_residual"] is False
+    assert config["tie_word_embeddings"] is True
+
+
+def test_llama_style_exports_as_llama_with_our_logits(llama_run, tmp_path):
+    config = assert_hf_export_matches(llama_run, tmp_path / "hf")
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize(
+    "overrides, piece",
+    [
+        ({"ffn": "swiglu"}, "model.ffn: swiglu with normalization: layernorm"),
+        ({"num_query_groups": 2}, "model.num_query_groups"),
+        ({"normalization": "rmsnorm"}, "model.ffn: gelu"),
+        ({"bias_activation_fusion": True}, "model.bias_activation_fusion"),
+    ],
+)
+def test_variants_without_an_exact_transformers_class_are_refused(overrides, piece):
+    cfg = load_config("tiny", [f"model.{k}={str(v).lower()}" for k, v in overrides.items()])
+    with pytest.raises(ExportError, match=piece):
+        hf_architecture(cfg.model)
+
+
+def test_export_cli_refuses_a_non_empty_output_and_a_missing_step(gpt_run, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "x").write_text("keep")
+    argv = ["export", "--checkpoint", str(gpt_run), "--format", "hf", "--out", str(out)]
+    assert cli_main(argv) == 1
+    assert "not empty" in capsys.readouterr().err and (out / "x").read_text() == "keep"
+    argv = ["export", "--checkpoint", str(gpt_run), "--step", "2", "--format", "hf"]
+    assert cli_main([*argv, "--out", str(tmp_path / "o")]) == 1
+    assert "--step 2" in capsys.readouterr().err
+
+
+def test_exported_tokenizer_encodes_like_our_preprocessing(gpt_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_qk.data.tokenizer import load_gpt2_encoding
+    from megatron_qk.export.hf_tokenizer import PROBE_TEXT
+
+    out = tmp_path / "hf"
+    assert (
+        cli_main(["export", "--checkpoint", str(gpt_run), "--format", "hf", "--out", str(out)]) == 0
+    )
+    hf = AutoTokenizer.from_pretrained(out)
+    enc = load_gpt2_encoding()
+    texts = [PROBE_TEXT, "hello world", " leading and trailing  ", "a<|endoftext|>b", "\n\n\n"]
+    for text in texts:
+        assert hf(text)["input_ids"] == enc.encode_ordinary(text), text
+    assert hf.eos_token_id == 50256
+    assert torch.equal(
+        torch.tensor(hf("Hello, world!")["input_ids"]), torch.tensor([15496, 11, 995, 0])
+    )
