@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from export_checks import assert_hf_export_matches
+
 from megatron_qk.cli import main as cli_main
 from megatron_qk.config.loader import load_config
 from megatron_qk.export.hf import ExportError, hf_architecture
@@ -118,3 +118,59 @@ def test_exported_tokenizer_encodes_like_our_preprocessing(gpt_run, tmp_path):
     assert torch.equal(
         torch.tensor(hf("Hello, world!")["input_ids"]), torch.tensor([15496, 11, 995, 0])
     )
+
+
+def _samples(results: dict) -> dict[str, list]:
+    """Per-task, per-document (log-likelihood, is_greedy) pairs in document order."""
+    return {
+        task: [
+            [tuple(float(x) for x in r[0]) for r in sorted_doc["resps"]]
+            for sorted_doc in sorted(docs, key=lambda d: d["doc_id"])
+        ]
+        for task, docs in results["samples"].items()
+    }
+
+
+def test_lm_eval_hf_on_the_export_scores_like_megatron_qk_eval(gpt_run, tmp_path):
+    """``lm_eval --model hf`` on the export: same per-sample log-likelihoods and accuracy."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from test_eval import CLOZE_CONFIG, CLOZE_CONTEXTS, MC_CONFIG, MC_QUESTIONS, write_task
+
+    from megatron_qk.evaluation.adapter import MegatronLM
+    from megatron_qk.training.restore import load_checkpoint_for_analysis
+
+    out = tmp_path / "hf"
+    assert (
+        cli_main(["export", "--checkpoint", str(gpt_run), "--format", "hf", "--out", str(out)]) == 0
+    )
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    mc = [
+        {"question": q, "choices": c, "label": i % len(c)} for i, (q, c) in enumerate(MC_QUESTIONS)
+    ]
+    write_task(task_dir, "x_mc", mc, **MC_CONFIG)
+    cloze = [{"context": c, "target": " the"} for c in CLOZE_CONTEXTS]
+    write_task(task_dir, "x_cloze", cloze, **CLOZE_CONFIG)
+    manager = TaskManager(include_path=str(task_dir))
+    common = dict(
+        tasks=["x_mc", "x_cloze"], task_manager=manager, log_samples=True, bootstrap_iters=0
+    )
+    loaded = load_checkpoint_for_analysis(gpt_run, device=torch.device("cpu"))
+    ours = lm_eval.simple_evaluate(model=MegatronLM.from_checkpoint(loaded, batch_size=4), **common)
+    theirs = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={out},dtype=float32",
+        batch_size=4,
+        device="cpu",
+        **common,
+    )
+    a, b = _samples(ours), _samples(theirs)
+    assert a.keys() == b.keys() == {"x_mc", "x_cloze"}
+    for task in a:
+        assert len(a[task]) == len(b[task]) > 0
+        for doc_a, doc_b in zip(a[task], b[task], strict=True):
+            assert [g for _, g in doc_a] == [g for _, g in doc_b], task
+            assert [ll for ll, _ in doc_b] == pytest.approx([ll for ll, _ in doc_a], abs=1e-4)
+    for task in a:
+        assert ours["results"][task]["acc,none"] == theirs["results"][task]["acc,none"]
