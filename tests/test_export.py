@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_checks import assert_hf_export_matches
+from export_checks import assert_hf_export_matches, assert_megatron_export_matches
 
 from megatron_qk.cli import main as cli_main
 from megatron_qk.config.loader import load_config
@@ -70,6 +70,11 @@ def test_llama_style_exports_as_llama_with_our_logits(llama_run, tmp_path):
     config = assert_hf_export_matches(llama_run, tmp_path / "hf")
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] is False
+
+
+def test_megatron_export_loads_into_stock_gpt_model(gpt_run, llama_run, tmp_path):
+    assert_megatron_export_matches(gpt_run, tmp_path / "gpt")
+    assert_megatron_export_matches(llama_run, tmp_path / "llama")
 
 
 @pytest.mark.parametrize(

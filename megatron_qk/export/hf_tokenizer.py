@@ -48,7 +48,7 @@ def _vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tup
 
 
 def build_hf_tokenizer(info: TokenizerInfo):
-    """A ``tokenizers.Tokenizer`` encoding like ``info.encoding.encode_ordinary``."""
+    """A ``tokenizers.Tokenizer`` encoding like ``info.encoding.encode_ordinary`` (tiktoken)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     enc = info.encoding
@@ -77,7 +77,15 @@ def write_hf_tokenizer(out_dir: Path, info: TokenizerInfo, model_max_length: int
     Raises:
         ValueError: the built tokenizer does not reproduce our ids on :data:`PROBE_TEXT`.
     """
-    tokenizer = build_hf_tokenizer(info)
+    from megatron_qk.data.tokenizer_hf import HFTokenizerEncoding
+
+    if isinstance(info.encoding, HFTokenizerEncoding):
+        from tokenizers import Tokenizer
+
+        # The user's own tokenizer.json is already the Hugging Face form: written unchanged.
+        tokenizer = Tokenizer.from_file(str(info.encoding.path))
+    else:
+        tokenizer = build_hf_tokenizer(info)
     want = info.encoding.encode_ordinary(PROBE_TEXT)
     # split_special_tokens: special-token text is ordinary text, as in our preprocessing.
     tokenizer.encode_special_tokens = True
