@@ -186,3 +186,42 @@ def test_weighted_blend_follows_the_weights_and_the_seed(tmp_path, single_rank):
     assert any(
         not np.array_equal(first[i]["tokens"], other[i]["tokens"]) for i in range(20)
     )  # another seed draws other samples
+
+
+@pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
+def test_exported_tokenizer_of_another_encoding_encodes_like_ours(name, toy_ranks, tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_qk.export.hf_tokenizer import PROBE_TEXT, write_hf_tokenizer
+
+    info = tok.load_tokenizer(f"{name}:{write_tiktoken_file(tmp_path / 't.tiktoken', toy_ranks)}")
+    write_hf_tokenizer(tmp_path / "hf", info, model_max_length=64)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in [PROBE_TEXT, *valid_tricky_docs()]:
+        assert hf(text)["input_ids"] == info.encoding.encode_ordinary(text)
+    assert hf.eos_token_id == EOD[name]
+
+
+def test_exported_hf_tokenizer_json_encodes_like_ours(tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_qk.export.hf_tokenizer import write_hf_tokenizer
+
+    info = tok.load_tokenizer(str(_hf_tokenizer_json(tmp_path / "tokenizer.json")))
+    write_hf_tokenizer(tmp_path / "hf", info, model_max_length=64)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in [*valid_tricky_docs(), "x <|end_of_text|> y"]:
+        assert hf(text)["input_ids"] == info.encoding.encode_ordinary(text)
+    assert hf.eos_token_id == info.eod_id
+
+
+def test_eval_adapter_uses_the_tokenizers_own_end_of_text(toy_ranks, tmp_path):
+    import torch
+
+    from megatron_qk.evaluation.adapter import MegatronLM
+    from megatron_qk.training.restore import LoadedCheckpoint
+
+    info = tok.load_tokenizer(f"cl100k_base:{write_tiktoken_file(tmp_path / 't', toy_ranks)}")
+    cfg = load_config("tiny", ["model.vocab_size=100277"])
+    loaded = LoadedCheckpoint(cfg, torch.nn.Identity(), 0, tmp_path, tmp_path, torch.device("cpu"))
+    assert MegatronLM.from_checkpoint(loaded, encoding=info.encoding).eot_token_id == 100257
