@@ -179,3 +179,20 @@ def test_lm_eval_hf_on_the_export_scores_like_megatron_qk_eval(gpt_run, tmp_path
             assert [ll for ll, _ in doc_b] == pytest.approx([ll for ll, _ in doc_a], abs=1e-4)
     for task in a:
         assert ours["results"][task]["acc,none"] == theirs["results"][task]["acc,none"]
+
+
+@pytest.mark.parametrize("overrides", [(), LLAMA])
+def test_written_config_reads_back_with_full_rotary_and_our_base(overrides, tmp_path):
+    """transformers reads the config with the whole head rotated (NeoX defaults to a quarter)."""
+    import json
+
+    from transformers import AutoConfig
+
+    from megatron_qk.export.hf import hf_config
+
+    cfg = load_config("tiny", [*overrides, "model.rotary_base=500000"])
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(cfg, 50257, 50256)))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.rope_parameters["rope_theta"] == 500000.0
+    assert config.rope_parameters.get("partial_rotary_factor", 1.0) == 1.0
+    assert config.dtype == torch.float32 and config.vocab_size == 50257

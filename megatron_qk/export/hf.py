@@ -88,7 +88,8 @@ def hf_config(cfg: ExperimentConfig, vocab_size: int, eod_id: int) -> dict:
         "attention_dropout": 0.0,
         "bos_token_id": eod_id,
         "eos_token_id": eod_id,
-        "torch_dtype": "float32",
+        "dtype": "float32",
+        "torch_dtype": "float32",  # the key transformers < 5 and other readers (vLLM) look for
         "use_cache": True,
     }
     if arch == "GPTNeoXForCausalLM":
@@ -104,6 +105,10 @@ def hf_config(cfg: ExperimentConfig, vocab_size: int, eod_id: int) -> dict:
                 "rope_theta": float(m.rotary_base),
                 "partial_rotary_factor": 1.0,
             },
+            # The same values under the keys of transformers < 5 (NeoX's default rotary_pct is
+            # 0.25: a reader that missed it would rotate a quarter of each head).
+            "rotary_pct": 1.0,
+            "rotary_emb_base": float(m.rotary_base),
         }
     return {
         **common,
@@ -114,6 +119,7 @@ def hf_config(cfg: ExperimentConfig, vocab_size: int, eod_id: int) -> dict:
         "attention_bias": m.bias,
         "mlp_bias": m.bias,
         "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rotary_base)},
+        "rope_theta": float(m.rotary_base),  # the key of transformers < 5
     }
 
 
