@@ -196,3 +196,20 @@ def test_written_config_reads_back_with_full_rotary_and_our_base(overrides, tmp_
     assert config.rope_parameters["rope_theta"] == 500000.0
     assert config.rope_parameters.get("partial_rotary_factor", 1.0) == 1.0
     assert config.dtype == torch.float32 and config.vocab_size == 50257
+
+
+def test_interrupted_export_leaves_no_partial_model(gpt_run, tmp_path, monkeypatch):
+    from megatron_qk.export import hf_tokenizer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf_tokenizer, "write_hf_tokenizer", interrupted)
+    out = tmp_path / "hf"
+    argv = ["export", "--checkpoint", str(gpt_run), "--format", "hf", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(argv)
+    assert not out.exists()
+    monkeypatch.undo()
+    assert cli_main(argv) == 0 and (out / "model.safetensors").exists()
+    assert not (tmp_path / "hf.tmp").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,6 +77,9 @@ def export_checkpoint(checkpoint: str, out: Path, fmt: str, step=None, tokenizer
 
     cfg = load_resolved_config(run_dir / "config.yaml")
     check_tokenizer(cfg, tok, run_dir / "config.yaml")
+    # Written next to ``out`` and renamed at the end: an interrupted export leaves no half model.
+    work = out.with_name(out.name + ".tmp")
+    shutil.rmtree(work, ignore_errors=True)
     if fmt == "hf":
         from megatron_qk.export.hf import hf_architecture, write_hf_model
         from megatron_qk.export.hf_tokenizer import write_hf_tokenizer
@@ -83,21 +87,24 @@ def export_checkpoint(checkpoint: str, out: Path, fmt: str, step=None, tokenizer
         hf_architecture(cfg.model)  # refuse before loading weights
         loaded = load_checkpoint_for_analysis(path)
         state = {k: v.cpu() for k, v in loaded.model.state_dict().items() if v is not None}
-        files = write_hf_model(out, loaded.cfg, state, tok.vocab_size, tok.eod_id)
-        files += write_hf_tokenizer(out, tok, cfg.model.seq_length)
+        files = write_hf_model(work, loaded.cfg, state, tok.vocab_size, tok.eod_id)
+        files += write_hf_tokenizer(work, tok, cfg.model.seq_length)
     else:
         from megatron_qk.export.megatron import write_megatron_checkpoint
 
         loaded = load_checkpoint_for_analysis(path)
-        files = write_megatron_checkpoint(out, loaded)
+        files = write_megatron_checkpoint(work, loaded)
     summary = {
         "format": fmt,
         "checkpoint": str(loaded.checkpoint),
         "step": loaded.step,
         "tokenizer": {"source": tok.source, "sha256": tok.ranks_sha256, "vocab": tok.vocab_size},
-        "files": sorted(str(p.relative_to(out)) for p in files),
+        "files": sorted(str(p.relative_to(work)) for p in files),
     }
-    (out / "export.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (work / "export.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if out.exists():
+        out.rmdir()  # checked empty above
+    work.rename(out)
     return summary
 
 
