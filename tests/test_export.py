@@ -80,6 +80,22 @@ def test_megatron_export_loads_into_stock_gpt_model(gpt_run, llama_run, tmp_path
 
 
 @pytest.mark.parametrize(
+    "overrides, arch",
+    [
+        # GEGLU (exact GELU gate) with biases on every Llama projection and tied embeddings.
+        (("model.ffn=geglu", "model.normalization=rmsnorm", "model.ffn_hidden_size=128"), "Llama"),
+        # Bias-free GPT-style: NeoX's always-present MLP biases are written as zeros.
+        (("model.bias=false", "model.tie_embeddings=false"), "GPTNeoX"),
+    ],
+    ids=["llama-geglu-bias-tied", "gpt-biasless-untied"],
+)
+def test_other_supported_variants_export_with_our_logits(overrides, arch, tmp_path):
+    run = _train(tmp_path / "run", *overrides)
+    config = assert_hf_export_matches(run, tmp_path / "hf")
+    assert config["architectures"] == [f"{arch}ForCausalLM"]
+
+
+@pytest.mark.parametrize(
     "overrides, piece",
     [
         ({"ffn": "swiglu"}, "model.ffn: swiglu with normalization: layernorm"),
