@@ -10,6 +10,11 @@ and seeds ``TIKTOKEN_CACHE_DIR`` for code that calls ``get_encoding`` itself.
 
 Rank files are parsed here rather than with ``tiktoken.load.load_tiktoken_bpe``: that function
 copies local files into ``TIKTOKEN_CACHE_DIR``, which fails when the directory is read-only.
+
+Other tiktoken encodings (cl100k_base, o200k_base, ...) go through the same offline path with
+their own split pattern, special tokens and end-of-document id (:func:`tiktoken_definition`), and
+a Hugging Face ``tokenizer.json`` through :mod:`megatron_qk.data.tokenizer_hf`; see
+:func:`load_tokenizer`.
 """
 
 from __future__ import annotations
