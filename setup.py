@@ -30,6 +30,9 @@ EXTRAS_REQUIRE = {
     # whose internals change between releases, so the harness is pinned like megatron-core.
     "eval": ["lm-eval==0.4.13"],
     "wandb": ["wandb>=0.17"],
+    # megatron-qk export --format hf, its tests, and `lm_eval --model hf` (needs accelerate) on
+    # the export: pinned like the harness because the export writes transformers' config keys.
+    "export": ["transformers==5.24.0", "safetensors==0.8.0", "accelerate==1.15.0"],
     # Documentation-only extra: transformer-engine and apex come from the NGC PyTorch image
     # (nvcr.io/nvidia/pytorch); pip wheels of TE need a matching CUDA toolchain.
     "gpu": [],

@@ -35,6 +35,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "theory": ("megatron_qk.analysis.theory_cli", "evaluate the paper's theory quantities"),
     "eval": ("megatron_qk.evaluation.cli", "downstream task suite with lm-evaluation-harness"),
+    "export": (
+        "megatron_qk.export.cli",
+        "write a checkpoint as a transformers model or a stock Megatron-Core checkpoint",
+    ),
 }
 
 

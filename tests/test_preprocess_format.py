@@ -111,8 +111,8 @@ def test_custom_offline_tokenizer_file(tmp_path):
     ref = tiktoken.Encoding("ref", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
     docs = valid_tricky_docs()
     path = write_jsonl(tmp_path / "d.jsonl", text_records(docs))
-    summary = run_preprocess(tmp_path / "toy", [path], tokenizer=str(rank_file))
-    eod = len(ranks)
+    summary = run_preprocess(tmp_path / "toy", [path], tokenizer=f"r50k_base:{rank_file}")
+    eod = 50256  # r50k_base's <|endoftext|>
     expected = [ref.encode_ordinary(d) + [eod] for d in docs]
     assert read_docs(tmp_path / "toy_text_document") == expected
     assert summary["tokenizer"]["eod_id"] == eod and summary["tokenizer"]["is_gpt2"] is False

@@ -340,3 +340,38 @@ def test_memory_does_not_grow_with_input_size(tmp_path):
     assert extra_input_mib > 13
     # Holding the extra text alone would add ~15 MiB (its token lists several times more).
     assert growth_mib < 5, (growth_mib, extra_input_mib)
+
+
+def test_resumed_hub_stream_starts_at_the_parquet_shard_of_the_resume_row(tmp_path, monkeypatch):
+    """A resume reopens the stream on the shards from the resume row's shard on (earlier shards
+    are not streamed again) and gives the uninterrupted run's files."""
+    from megatron_qk.data import readers
+    from megatron_qk.data.pipeline import PreprocessConfig, preprocess
+    from megatron_qk.data.readers import HubDataset
+
+    docs = pydoc_docs(45)
+    shards = [
+        str(write_parquet(tmp_path / f"s{k}.parquet", fineweb_rows(docs[15 * k : 15 * k + 15])))
+        for k in range(3)
+    ]
+
+    def config(prefix: str):
+        hub = HubDataset(name="parquet", data_files=tuple(shards))
+        return PreprocessConfig(
+            output_prefix=str(tmp_path / prefix), hf=hub, shard_size=5, chunk_bytes=2000,
+            progress=False,
+        )  # fmt: skip
+
+    preprocess(config("ref"))
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(config("hub"), on_event=_interrupt_at(5))
+    opened = []
+    real_open = readers.open_hub_dataset
+    monkeypatch.setattr(
+        readers, "open_hub_dataset", lambda hub: opened.append(hub) or real_open(hub)
+    )
+    summary = preprocess(config("hub"))
+    assert summary["resumed"] and len(opened) == 1
+    # The interruption (5 commits of 5 documents) lies past the first shard's 15 rows.
+    assert opened[0].data_files in (tuple(shards[1:]), tuple(shards[2:]))
+    assert same_files(tmp_path / "hub_text_document", tmp_path / "ref_text_document")

@@ -135,9 +135,12 @@ def test_load_tokenizer_gzip_and_custom_rank_file(tmp_path, caplog):
 
     ranks = train_toy_bpe(" ".join(pydoc_docs(5)), num_merges=40)
     path = write_tiktoken_file(tmp_path / "toy.tiktoken", ranks)
-    info = tok.load_tokenizer(str(path))
-    assert not info.is_gpt2 and "not the GPT-2 rank file" in caplog.text
-    assert info.eod_id == len(ranks) == 296 and info.vocab_size == 297
+    # An unknown rank file alone says nothing about its split pattern or EOD: refused.
+    with pytest.raises(tok.TokenizerError, match="r50k_base.*cl100k_base.*NAME:FILE"):
+        tok.load_tokenizer(str(path))
+    info = tok.load_tokenizer(f"r50k_base:{path}")
+    assert not info.is_gpt2 and "not tiktoken's r50k_base rank file" in caplog.text
+    assert info.eod_id == 50256 and info.vocab_size == 50257
     ref = tiktoken.Encoding("ref", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
     for doc in TRICKY_DOCS:
         assert info.encoding.encode_ordinary(doc) == ref.encode_ordinary(doc)
@@ -145,7 +148,7 @@ def test_load_tokenizer_gzip_and_custom_rank_file(tmp_path, caplog):
     broken = tmp_path / "broken.tiktoken"
     broken.write_text("aGVsbG8= 0\nnot-base64!! 1\n")
     with pytest.raises(tok.TokenizerError, match=r"broken.tiktoken:2"):
-        tok.load_tokenizer(str(broken))
+        tok.load_tokenizer(f"cl100k_base:{broken}")
 
 
 def _fake_sdist(path: Path, payload: bytes) -> Path:

@@ -224,6 +224,12 @@ def test_two_process_layouts_match_single_process(tmp_path, single_process_ref, 
     assert [r["mult/upper_qk"] for r in ref if r["kind"] == "train"] == pytest.approx(
         [0.25, 0.25, 0.25, 0.25, 0.625, 1.0]
     )
+    if layout[0].startswith(("parallel.tensor", "parallel.pipeline")):
+        # The checkpoint written under TP=2 / PP=2 exports with our logits (tests/test_export.py).
+        from export_checks import assert_hf_export_matches, assert_megatron_export_matches
+
+        assert_hf_export_matches(tmp_path / "two", tmp_path / "hf")
+        assert_megatron_export_matches(tmp_path / "two", tmp_path / "mcore")
 
 
 def _preprocessed_prefix(tmp_path: Path, num_docs: int) -> Path:

@@ -21,7 +21,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   # when the index offers it (outside CI: add --index-url https://download.pytorch.org/whl/cpu).
   "${PIP[@]}" install -q "torch==2.13.0" "$@"
 fi
-# The eval extra (lm-evaluation-harness) is part of the tested install: tests/test_eval.py needs it.
-"${PIP[@]}" install -q -c requirements/constraints-cpu.txt -e ".[dev,eval]" "$@"
+# The eval and export extras (lm-evaluation-harness, transformers) are part of the tested install:
+# tests/test_eval.py and tests/test_export.py need them.
+"${PIP[@]}" install -q -c requirements/constraints-cpu.txt -e ".[dev,eval,export]" "$@"
 echo "$want" > "$stamp"
 echo "setup_venv: ready ($("$VENV/bin/python" -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)' 2>/dev/null))"

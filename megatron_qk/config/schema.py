@@ -271,6 +271,11 @@ class DataConfig:
     # Scan every token id of the indexed data against model.vocab_size before training (streams
     # the .bin once; turn off only for trusted corpora too large to scan at each launch).
     check_token_ids: bool = True
+    # Blend weights, one per train_prefixes / valid_prefixes entry (Megatron's
+    # "weight prefix weight prefix" data path as two aligned lists); empty = unweighted.
+    # Samples are drawn by megatron-core's BlendedDataset, deterministically under the seed.
+    train_weights: list[float] = field(default_factory=list)
+    valid_weights: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.kind == "indexed" and not self.train_prefixes:
@@ -286,6 +291,15 @@ class DataConfig:
             raise ConfigError("split", f"expected three non-negative weights, got {self.split!r}")
         if self.kind == "indexed" and not self.valid_prefixes and weights[1] <= 0:
             raise ConfigError("split", "no validation data: set valid_prefixes or a valid share")
+        for name, prefixes in (("train", self.train_prefixes), ("valid", self.valid_prefixes)):
+            blend = getattr(self, f"{name}_weights")
+            if blend and len(blend) != len(prefixes):
+                raise ConfigError(
+                    f"{name}_weights",
+                    f"{len(blend)} weights for {len(prefixes)} {name}_prefixes (one per prefix)",
+                )
+            if any(w <= 0 for w in blend):
+                raise ConfigError(f"{name}_weights", f"weights must be positive, got {blend}")
 
 
 @dataclass

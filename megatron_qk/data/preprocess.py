@@ -110,8 +110,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     perf.add_argument(
         "--tokenizer",
         default="gpt2",
-        metavar="gpt2|FILE",
-        help="gpt2 (the verified vendored GPT-2 ranks) or a .tiktoken rank file (may be .gz)",
+        metavar="SPEC",
+        help="gpt2 (the verified vendored GPT-2 ranks); a tiktoken rank file (.tiktoken[.gz]) of "
+        "r50k/p50k/cl100k/o200k_base (recognised by sha256); NAME:FILE (own ranks with encoding "
+        "NAME's split pattern and special tokens); or a Hugging Face tokenizer.json "
+        "(FILE.json[::EOD_TOKEN])",
     )
     perf.add_argument(
         "--workers",

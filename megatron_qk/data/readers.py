@@ -307,9 +307,16 @@ def _parquet_batches(
 def _hub_batches(
     hub: HubDataset, i: int, start: int, text_key: str, max_bytes: int, max_records: int
 ) -> Iterator[RawBatch]:
-    ds = open_hub_dataset(hub)
-    if start:
-        ds = ds.skip(start)
+    from megatron_qk.data.hub_seek import seek_hub_stream
+
+    # Parquet-backed streams reopen at the shard holding the resume row (see hub_seek).
+    stream, before = seek_hub_stream(hub, start)
+    if stream is None:
+        yield RawBatch(i, "dicts", [], start, start, end_of_source=True)
+        return
+    ds = open_hub_dataset(stream)
+    if start - before:
+        ds = ds.skip(start - before)
     records: list[dict[str, Any]] = []
     nbytes, first, index = 0, start, start - 1
     for index, rec in enumerate(ds, start=start):

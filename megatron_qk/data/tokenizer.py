@@ -10,6 +10,11 @@ and seeds ``TIKTOKEN_CACHE_DIR`` for code that calls ``get_encoding`` itself.
 
 Rank files are parsed here rather than with ``tiktoken.load.load_tiktoken_bpe``: that function
 copies local files into ``TIKTOKEN_CACHE_DIR``, which fails when the directory is read-only.
+
+Other tiktoken encodings (cl100k_base, o200k_base, ...) go through the same offline path with
+their own split pattern, special tokens and end-of-document id (:func:`tiktoken_definition`), and
+a Hugging Face ``tokenizer.json`` through :mod:`megatron_qk.data.tokenizer_hf`; see
+:func:`load_tokenizer`.
 """
 
 from __future__ import annotations
@@ -211,41 +216,133 @@ def load_gpt2_encoding(path: str | os.PathLike[str] | None = None) -> tiktoken.E
     return _gpt2_encoding_from_verified(data)
 
 
+# tiktoken's encodings whose rank files are plain ``.tiktoken`` files (``gpt2`` is ``r50k_base``).
+TIKTOKEN_ENCODINGS = ("r50k_base", "p50k_base", "cl100k_base", "o200k_base")
+
+
+@functools.cache
+def tiktoken_definition(name: str) -> tuple[str, dict[str, int], str]:
+    """``(split pattern, special tokens, rank-file sha256)`` of one of tiktoken's encodings.
+
+    tiktoken keeps these inside its encoding constructors, which also download the ranks; the
+    constructor runs here with its rank loader replaced by one that records the expected hash and
+    returns nothing, so no network or cache is touched and the values are tiktoken's own.
+
+    Raises:
+        TokenizerError: ``name`` is not in :data:`TIKTOKEN_ENCODINGS`.
+    """
+    from unittest import mock
+
+    from tiktoken_ext import openai_public
+
+    name = "r50k_base" if name == "gpt2" else name
+    if name not in TIKTOKEN_ENCODINGS:
+        raise TokenizerError(
+            f"unknown tiktoken encoding {name!r}; choose from {', '.join(TIKTOKEN_ENCODINGS)}"
+        )
+    hashes: list[str] = []
+
+    def record(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        hashes.append(expected_hash or "")
+        return {}
+
+    with mock.patch.object(openai_public, "load_tiktoken_bpe", record):
+        spec = openai_public.ENCODING_CONSTRUCTORS[name]()
+    return spec["pat_str"], dict(spec["special_tokens"]), hashes[0]
+
+
+def _known_encoding_of(digest: str) -> str | None:
+    for name in TIKTOKEN_ENCODINGS:
+        if tiktoken_definition(name)[2] == digest:
+            return name
+    return None
+
+
+def _named_encoding(name: str, data: bytes, source: str) -> TokenizerInfo:
+    """The tiktoken encoding ``name`` (its split pattern, special tokens and EOD) on ``data``."""
+    import tiktoken
+
+    pat_str, special, expected = tiktoken_definition(name)
+    digest = sha256_hex(data)
+    if digest == GPT2_RANKS_SHA256:
+        enc = _gpt2_encoding_from_verified(data)
+        return TokenizerInfo(enc, EOD_TOKEN_ID, GPT2_N_VOCAB, source, digest, is_gpt2=True)
+    ranks = parse_ranks(data, source)
+    if digest != expected:
+        logger.warning(
+            "%s is not tiktoken's %s rank file (sha256 %s); using %s's split pattern and special "
+            "tokens with these ranks",
+            source,
+            name,
+            digest,
+            name,
+        )
+    used = set(ranks.values())
+    clash = sorted(t for t, i in special.items() if i in used)
+    if clash:
+        raise TokenizerError(
+            f"{source}: {name}'s special tokens {clash} have ids that are ranks in this file; "
+            f"these ranks do not belong to {name}"
+        )
+    n_vocab = max(max(used), max(special.values())) + 1
+    dense = n_vocab == len(ranks) + len(special)  # tiktoken asserts this when given n_vocab
+    enc = tiktoken.Encoding(
+        name=name,
+        pat_str=pat_str,
+        mergeable_ranks=ranks,
+        special_tokens=special,
+        explicit_n_vocab=n_vocab if dense else None,
+    )
+    return TokenizerInfo(enc, special[ENDOFTEXT], n_vocab, source, digest, is_gpt2=False)
+
+
 def load_tokenizer(spec: str = "gpt2") -> TokenizerInfo:
     """Load the tokenizer named by the CLI's ``--tokenizer`` value.
 
     Args:
-        spec: ``"gpt2"`` for the vendored GPT-2 ranks, or the path of a ``.tiktoken`` rank file
-            (optionally gzipped). A file whose sha256 is GPT-2's is loaded as GPT-2; any other rank
-            file is accepted with a warning, using GPT-2's split pattern and ``<|endoftext|>`` =
-            number of ranks.
+        spec: one of
+
+            * ``"gpt2"``: the vendored GPT-2 ranks;
+            * a ``.tiktoken`` rank file (optionally gzipped) of one of tiktoken's encodings
+              (:data:`TIKTOKEN_ENCODINGS`), recognised by its sha256 and loaded with that
+              encoding's split pattern, special tokens and ``<|endoftext|>`` id;
+            * ``NAME:FILE``: ranks in ``FILE`` with encoding ``NAME``'s split pattern and special
+              tokens (for ranks of your own; a warning when ``FILE`` is not ``NAME``'s file);
+            * a Hugging Face ``tokenizer.json`` (``FILE.json``, or ``FILE.json::EOD_TOKEN`` to
+              name the end-of-document token), see :mod:`megatron_qk.data.tokenizer_hf`.
+
+            A rank file that is none of tiktoken's and has no ``NAME:`` is refused: its split
+            pattern and end-of-document id cannot be known.
 
     Returns:
         The tokenizer and its properties.
 
     Raises:
-        TokenizerError: if the file is missing or malformed.
+        TokenizerError: if the file is missing, malformed or of an unknown encoding.
     """
     if spec == "gpt2":
         data = read_rank_bytes(VENDORED_RANKS)
-        source = "gpt2 (vendored)"
-        path = str(VENDORED_RANKS)
-    else:
-        path = str(Path(spec).expanduser().resolve())
-        data = read_rank_bytes(path)
-        source = path
-    digest = sha256_hex(data)
-    if digest == GPT2_RANKS_SHA256:
+        digest = sha256_hex(data)
+        if digest != GPT2_RANKS_SHA256:
+            verify_gpt2_ranks(data, str(VENDORED_RANKS))  # raises: the vendored asset was modified
         enc = _gpt2_encoding_from_verified(data)
-        return TokenizerInfo(enc, EOD_TOKEN_ID, GPT2_N_VOCAB, source, digest, is_gpt2=True)
-    if spec == "gpt2":
-        verify_gpt2_ranks(data, path)  # raises: the vendored asset was modified
-    logger.warning(
-        "%s is not the GPT-2 rank file (sha256 %s); using GPT-2's split pattern with "
-        "<|endoftext|> = number of ranks",
-        source,
-        digest,
-    )
-    ranks = parse_ranks(data, source)
-    enc = encoding_from_ranks(ranks, name=Path(path).name)
-    return TokenizerInfo(enc, enc.eot_token, enc.n_vocab, source, digest, is_gpt2=False)
+        return TokenizerInfo(enc, EOD_TOKEN_ID, GPT2_N_VOCAB, "gpt2 (vendored)", digest, True)
+    file_part = spec.split("::", 1)[0]
+    if file_part.endswith(".json"):
+        from megatron_qk.data.tokenizer_hf import load_hf_tokenizer
+
+        return load_hf_tokenizer(spec)
+    name, sep, rest = spec.partition(":")
+    if sep and (name in TIKTOKEN_ENCODINGS or name == "gpt2"):
+        path = str(Path(rest).expanduser().resolve())
+        return _named_encoding(name, read_rank_bytes(path), path)
+    path = str(Path(spec).expanduser().resolve())
+    data = read_rank_bytes(path)
+    known = _known_encoding_of(sha256_hex(data))
+    if known is None:
+        raise TokenizerError(
+            f"{path} (sha256 {sha256_hex(data)}) is not one of tiktoken's rank files "
+            f"({', '.join(TIKTOKEN_ENCODINGS)}), so its split pattern and end-of-document id are "
+            "unknown; give them with NAME:FILE, e.g. --tokenizer cl100k_base:" + spec
+        )
+    return _named_encoding(known, data, path)

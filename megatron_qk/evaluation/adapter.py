@@ -133,6 +133,8 @@ class MegatronLM(TemplateLM):
             device=loaded.device,
             batch_size=batch_size,
             encoding=encoding,
+            # The tokenizer's own <|endoftext|> (cl100k: 100257), not GPT-2's.
+            eot_token_id=encoding.eot_token if encoding is not None else EOD_TOKEN_ID,
             autocast_dtype=autocast_dtype,
             tokenizer_name=encoding.name if encoding is not None else "gpt2",
         )

@@ -72,7 +72,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer",
         default="gpt2",
-        help="gpt2 (vendored BPE) or the .tiktoken rank file the run was trained with",
+        help="the --tokenizer spec the run's data was preprocessed with (gpt2, a .tiktoken file, "
+        "NAME:FILE or tokenizer.json; see megatron-qk preprocess --help)",
     )
     parser.add_argument(
         "--num-fewshot", type=int, default=None, help="override the tasks' few-shot count"

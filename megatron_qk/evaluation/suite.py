@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,14 +90,9 @@ def set_offline_env() -> None:
 # ---------------------------------------------------------------------------------- tokenizer
 def _data_summary_paths(cfg: ExperimentConfig) -> list[Path]:
     """``P_summary.json`` files written by ``megatron-qk preprocess`` for the run's data."""
-    if cfg.data.kind != "indexed":
-        return []
-    paths = []
-    for prefix in [*cfg.data.train_prefixes, *cfg.data.valid_prefixes]:
-        base = re.sub(r"(_valid)?_text_document$", "", str(prefix))
-        if base != str(prefix):
-            paths.append(Path(f"{base}_summary.json"))
-    return paths
+    from megatron_qk.data.data_summary import data_summary_paths
+
+    return data_summary_paths(cfg)
 
 
 def check_tokenizer(cfg: ExperimentConfig, tokenizer: TokenizerInfo, config_path: Path) -> None:

@@ -54,10 +54,10 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
 
 class _TokenizerShim:
-    """The few tokenizer attributes GPTDataset reads (GPT-2 ids: EOD 50256, no pad token)."""
+    """The few tokenizer attributes GPTDataset reads (EOD from the data summary, else GPT-2's)."""
 
-    def __init__(self, vocab_size: int):
-        self.eod = EOD_TOKEN_ID
+    def __init__(self, vocab_size: int, eod: int = EOD_TOKEN_ID):
+        self.eod = eod
         self.pad = -1
         self.vocab_size = vocab_size
         self.unique_identifiers = {"class": "GPT2BPE-tiktoken", "vocab_size": vocab_size}
@@ -105,7 +105,10 @@ def _build_gpt_datasets(cfg: ExperimentConfig, sizes: list[int], cache_dir: str)
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    from megatron_qk.data.data_summary import check_data_tokenizer
+
     d = cfg.data
+    eod = check_data_tokenizer(cfg)
     common = dict(
         random_seed=cfg.training.seed,
         sequence_length=cfg.model.seq_length,
@@ -113,19 +116,24 @@ def _build_gpt_datasets(cfg: ExperimentConfig, sizes: list[int], cache_dir: str)
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
-        tokenizer=_TokenizerShim(cfg.model.vocab_size),
+        tokenizer=_TokenizerShim(cfg.model.vocab_size, EOD_TOKEN_ID if eod is None else eod),
         path_to_cache=cache_dir,
     )
     if d.valid_prefixes:
         for prefix in d.train_prefixes + d.valid_prefixes:
             _document_count(prefix)
         config = GPTDatasetConfig(
-            blend_per_split=[(list(d.train_prefixes), None), (list(d.valid_prefixes), None), None],
+            blend_per_split=[
+                (list(d.train_prefixes), list(d.train_weights) or None),
+                (list(d.valid_prefixes), list(d.valid_weights) or None),
+                None,
+            ],
             **common,
         )
     else:
         check_split_nonempty(d.train_prefixes, d.split, "data.split")
-        config = GPTDatasetConfig(blend=(list(d.train_prefixes), None), split=d.split, **common)
+        blend = (list(d.train_prefixes), list(d.train_weights) or None)
+        config = GPTDatasetConfig(blend=blend, split=d.split, **common)
     sizes3 = [sizes[0], sizes[1], 0]
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes3, lambda: True, config).build()
 

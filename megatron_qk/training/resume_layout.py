@@ -58,6 +58,7 @@ def restore_or_reseed_rng(
     """
     from megatron_qk.training.checkpoint import _set_rng_state
     from megatron_qk.training.distributed import seed_everything
+    from megatron_qk.training.safe_load import load_state_file
 
     now = current_layout()
     if saved_layout is None:
@@ -65,7 +66,7 @@ def restore_or_reseed_rng(
     same = all(saved_layout.get(k) == v for k, v in now.items() if k in saved_layout)
     rng_file = path / f"rng_rank{rank}.pt"
     if same and rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(load_state_file(rng_file))
         return True
     if rank == 0:
         logger.warning(

@@ -1,0 +1,1 @@
+"""Export trained checkpoints to transformers and stock Megatron-Core formats."""
