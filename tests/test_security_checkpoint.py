@@ -89,7 +89,8 @@ def test_metadata_of_a_real_checkpoint_passes_the_restricted_unpickler(saved):
 def test_planted_byte_item_in_distcp_is_refused(saved, tmp_path):
     """An ``_extra_state`` item redirected to a pickle payload (torch's planner would unpickle it
     with ``weights_only=False``)."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
     model, path = saved
     ckpt = _copy(path, tmp_path)
@@ -98,6 +99,11 @@ def test_planted_byte_item_in_distcp_is_refused(saved, tmp_path):
     evil = io.BytesIO()
     torch.save(TouchMarker(marker), evil)
     (ckpt / "__9_0.distcp").write_bytes(evil.getvalue())
+    # Our canonical layout saves no byte items (no ``_extra_state``); a checkpoint from elsewhere
+    # (an older megatron-qk, stock Megatron with TE) can carry them, so plant one.
+    fqn = "model.decoder.layers.0.self_attention.linear_qkv._extra_state/shard_0_1"
+    metadata.state_dict_metadata[fqn] = BytesStorageMetadata()
+    metadata.storage_data[MetadataIndex(fqn)] = _StorageInfo("__0_0.distcp", 0, 0)
     redirected = 0
     for index, info in metadata.storage_data.items():
         if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata):
