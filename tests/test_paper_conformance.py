@@ -42,6 +42,9 @@ PAPER_270M = {
     "training.eval_interval": 24,
     # The paper reads its mechanism at 3% (Tables 3-6, 9, 10, 12) and 20% (Table 7, Fig. 3A).
     "training.save_at_fracs": [0.03, 0.2],
+    # Not stated: the project's choice (docs/REPRODUCTION.md), held fixed so releases compare.
+    "diagnostics.num_sequences": 128,
+    "diagnostics.sharp_entropy_threshold": 0.8,
 }
 BATCH_TOKENS = 524_288  # Appendix J: "global batch size 524,288 tokens"
 
@@ -91,6 +94,7 @@ RULE = {
     "max_frac": 0.12,
     "release_frac": None,
     "ramp_frac": 0.01,
+    "biases": False,  # "W_Q and W_K": the weights
 }
 
 

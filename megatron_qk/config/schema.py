@@ -168,6 +168,9 @@ class MultiplierRuleConfig:
     release_frac: float | None = None
     # Linear ramp from the multiplier back to 1.0 over this fraction of total steps.
     ramp_frac: float = 0.01
+    # Also slow the biases of the selected linear layers (roles q k v o fc1 fc2). The paper
+    # slows "W_Q and W_K", the weights, so the default leaves their biases at the full rate.
+    biases: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
