@@ -35,6 +35,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "theory": ("megatron_qk.analysis.theory_cli", "evaluate the paper's theory quantities"),
     "eval": ("megatron_qk.evaluation.cli", "downstream task suite with lm-evaluation-harness"),
+    "readout": (
+        "megatron_qk.analysis.readout",
+        "the paper's @3%/@20% readout columns, per-table views and Figure 2 from run directories",
+    ),
 }
 
 
