@@ -301,3 +301,31 @@ def test_diag_lines_reach_tensorboard(trained_run):
     assert set(expected) <= tags, set(expected) - tags
     steps = [e.step for e in events.Scalars("diag/upper_entropy")]
     assert steps == [0, 3, 6, 9, 12]
+
+
+def test_ablation_reads_batches_until_the_standard_error_target(tiny_model):
+    """A loose target stops after the first batch; a zero target reads every batch."""
+    from megatron_qk.diagnostics.ablation import upper_qk_ablation
+    from megatron_qk.diagnostics.recorder import AttentionRecorder
+
+    _, model = tiny_model
+    gen = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(3):
+        tokens = torch.randint(0, 64, (2, 65), generator=gen)
+        batches.append(
+            {
+                "tokens": tokens[:, :-1],
+                "labels": tokens[:, 1:],
+                "loss_mask": torch.ones(2, 64),
+                "position_ids": torch.arange(64).expand(2, -1),
+            }
+        )
+    recorder = AttentionRecorder([model], 4)
+    loose = upper_qk_ablation(model, recorder, batches, target_se=1e9)
+    assert loose["sequences"] == 2 and loose["tokens"] == 128 and loose["target_met"] is True
+    full = upper_qk_ablation(model, recorder, batches, target_se=0.0)
+    assert full["sequences"] == 6 and full["target_met"] is False
+    for which in ("q", "k", "qk"):
+        assert math.isfinite(full[which]["ppl_increase_se"]) and full[which]["ppl_increase_se"] > 0
+    assert full["base_loss"] != loose["base_loss"]  # the first batch alone is another sample
