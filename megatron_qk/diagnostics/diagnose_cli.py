@@ -85,8 +85,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _indexed_sequences(prefix: str, count: int, seq_length: int, vocab: int) -> torch.Tensor:
-    """The first ``count`` packed sequences of ``seq_length + 1`` tokens of an indexed dataset."""
+def _indexed_sequences(
+    prefix: str, count: int, seq_length: int, vocab: int, at_most: bool = False
+) -> torch.Tensor:
+    """The first ``count`` packed sequences of ``seq_length + 1`` tokens of an indexed dataset.
+
+    ``at_most``: return as many whole sequences as the dataset holds when it has fewer.
+    """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     for suffix in (".bin", ".idx"):
@@ -104,6 +109,9 @@ def _indexed_sequences(prefix: str, count: int, seq_length: int, vocab: int) -> 
         have += doc.numel()
         if have >= need:
             break
+    if have < need and at_most and have >= seq_length + 1:
+        count = have // (seq_length + 1)
+        need = count * (seq_length + 1)
     if have < need:
         raise ValueError(
             f"--data {prefix} holds {have} tokens; {count} sequences of {seq_length + 1} need "
@@ -119,15 +127,18 @@ def _indexed_sequences(prefix: str, count: int, seq_length: int, vocab: int) -> 
 
 
 def heldout_batches(
-    loaded, data_prefix: str | None, num_sequences: int, batch_size: int
+    loaded, data_prefix: str | None, num_sequences: int, batch_size: int, at_most: bool = False
 ) -> list[dict[str, torch.Tensor]]:
-    """Held-out micro-batches on the model's device."""
+    """Held-out micro-batches on the model's device.
+
+    ``at_most``: fewer sequences when ``--data`` holds fewer (the ablation's upper bound).
+    """
     from megatron_qk.training.data import build_datasets, collate_samples
 
     cfg = loaded.cfg
     seq = cfg.model.seq_length
     if data_prefix is not None:
-        tokens = _indexed_sequences(data_prefix, num_sequences, seq, cfg.model.vocab_size)
+        tokens = _indexed_sequences(data_prefix, num_sequences, seq, cfg.model.vocab_size, at_most)
         samples = [{"tokens": t[:-1], "labels": t[1:]} for t in tokens]
     else:
         datasets = build_datasets(cfg, cfg.planned_steps(), str(loaded.run_dir))
@@ -252,7 +263,7 @@ def diagnose_checkpoints(
             batches = heldout_batches(loaded, data_prefix, num_sequences, batch_size)
             if ablation_sequences:
                 ablation_batches = heldout_batches(
-                    loaded, data_prefix, ablation_sequences, batch_size
+                    loaded, data_prefix, ablation_sequences, batch_size, at_most=True
                 )
             recorder = AttentionRecorder([loaded.model], loaded.cfg.model.num_layers, chunk_size)
             recorder.snapshot_initial_qk([build_initial_model(loaded.cfg, loaded.device)])
