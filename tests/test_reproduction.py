@@ -135,3 +135,35 @@ def test_compare_refuses_runs_with_different_data_order():
     validate_runs(
         [_run("c1", "control", 1, None), _run("i1", "intervention", 1, "bbbb")], "control"
     )
+
+
+def test_data_order_of_megatron_indexed_datasets(tmp_path):
+    """GPTDataset samples are identified by their documents and offsets; the order follows
+    training.data_seed, not training.seed."""
+    from data_fixtures import pydoc_docs, run_preprocess, text_records, write_jsonl
+
+    from megatron_qk.training.data import build_datasets
+    from megatron_qk.training.data_order import data_order_hash, sample_identity
+
+    src = write_jsonl(tmp_path / "docs.jsonl", text_records(pydoc_docs(40)))
+    run_preprocess(tmp_path / "corpus", [src])
+    prefix = tmp_path / "corpus_text_document"
+
+    def order(*overrides: str) -> tuple[str, tuple]:
+        cfg = tiny(
+            tmp_path,
+            "idx",
+            "data.kind=indexed",
+            f"data.train_prefixes=[{prefix}]",
+            "data.split=90,10,0",
+            "training.train_steps=4",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *overrides,
+        )
+        ds = build_datasets(cfg, cfg.planned_steps(), str(tmp_path / "idx"))
+        return data_order_hash(ds.train, ds.valid, 16), sample_identity(ds.train, 0)
+
+    base, first = order("training.seed=1")
+    assert first[0] == "gpt" and len(first[1]) >= 1
+    assert order("training.seed=2")[0] == base
+    assert order("training.data_seed=99")[0] != base
