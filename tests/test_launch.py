@@ -80,7 +80,8 @@ def test_table_arms_differ_only_by_their_intervention():
     llama_ln = load("table3_components/llama_layernorm/control.yaml").model
     assert (llama_ln.ffn, llama_ln.normalization, llama_ln.bias) == ("swiglu", "layernorm", False)
     t5 = load("table5_ffn_write/gelu2560.yaml")
-    assert t5.model.ffn_hidden_size == 2560 and t5.training.exit_after_steps == 954
+    assert t5.model.ffn_hidden_size == 2560 and t5.training.stop_at_frac == 0.2
+    assert t5.training.exit_after_steps is None  # stopping is the recipe's, not per launch
     assert round(0.2 * t5.planned_steps()) == 954 and t5.planned_steps() == 4769
 
 

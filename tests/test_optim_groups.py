@@ -173,7 +173,8 @@ def test_groups_keep_their_learning_rates_after_reload(tmp_path, single_rank):
     ruled = [g["lr"] for g in groups if g.get("mqk_rule") == "upper_qk"]
     assert base and ruled and len(set(base)) == 1
     assert ruled == pytest.approx([0.25 * base[0]] * len(ruled))
-    assert sum(len(g["params"]) for g in groups if g.get("mqk_rule")) == 8
+    # Upper layers 3-4: W_Q and W_K weights (their biases stay at the full rate by default).
+    assert sum(len(g["params"]) for g in groups if g.get("mqk_rule")) == 4
 
 
 def test_entropy_floor_pushes_only_attention_and_vanishes_above_the_floor(tmp_path, single_rank):
