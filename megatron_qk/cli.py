@@ -39,6 +39,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatron_qk.export.cli",
         "write a checkpoint as a transformers model or a stock Megatron-Core checkpoint",
     ),
+    "readout": (
+        "megatron_qk.analysis.readout",
+        "the paper's @3%/@20% readout columns, per-table views and Figure 2 from run directories",
+    ),
 }
 
 

@@ -46,6 +46,13 @@ def _readout_table(run_dirs: dict[str, Path], frac: float) -> list[str]:
     return lines
 
 
+def _increase(entry: dict) -> str:
+    """``+x.xxx ± se`` (the standard error over held-out sequences, when recorded)."""
+    se = entry.get("ppl_increase_se")
+    text = f"{entry['ppl_increase']:+.3f}"
+    return text if se is None else f"{text} ± {se:.3f}"
+
+
 def _ablation_lines(run_dirs: dict[str, Path]) -> list[str]:
     lines = [
         "| Arm | checkpoint step (frac) | ppl | +ppl, upper Q zeroed | +ppl, upper K zeroed | "
@@ -60,8 +67,8 @@ def _ablation_lines(run_dirs: dict[str, Path]) -> list[str]:
             a, loc = r["ablation"], r["locality"]
             lines.append(
                 f"| {arm} | {r['step']} ({r['frac']:.2f}) | {a['base_ppl']:.2f} | "
-                f"{a['q']['ppl_increase']:+.3f} | {a['k']['ppl_increase']:+.3f} | "
-                f"{a['qk']['ppl_increase']:+.3f} | {loc['lambda_q']:.3f} | {loc['lambda_k']:.3f} "
+                f"{_increase(a['q'])} | {_increase(a['k'])} | "
+                f"{_increase(a['qk'])} | {loc['lambda_q']:.3f} | {loc['lambda_k']:.3f} "
                 f"| {loc['rp_fraction']:.3f} |"
             )
     return lines

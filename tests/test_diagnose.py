@@ -191,6 +191,34 @@ def test_ablation_readout_on_a_sharp_model(tiny_model):
     assert abs(result["qk"]["ppl_increase"]) > 1e-4 * result["base_ppl"]
 
 
+def test_ablation_reads_batches_until_the_standard_error_target(tiny_model):
+    """A loose target stops after the first batch; a zero target reads every batch."""
+    from megatron_qk.diagnostics.ablation import upper_qk_ablation
+    from megatron_qk.diagnostics.recorder import AttentionRecorder
+
+    _, model = tiny_model
+    gen = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(3):
+        tokens = torch.randint(0, 64, (2, 65), generator=gen)
+        batches.append(
+            {
+                "tokens": tokens[:, :-1],
+                "labels": tokens[:, 1:],
+                "loss_mask": torch.ones(2, 64),
+                "position_ids": torch.arange(64).expand(2, -1),
+            }
+        )
+    recorder = AttentionRecorder([model], 4)
+    loose = upper_qk_ablation(model, recorder, batches, target_se=1e9)
+    assert loose["sequences"] == 2 and loose["tokens"] == 128 and loose["target_met"] is True
+    full = upper_qk_ablation(model, recorder, batches, target_se=0.0)
+    assert full["sequences"] == 6 and full["target_met"] is False
+    for which in ("q", "k", "qk"):
+        assert math.isfinite(full[which]["ppl_increase_se"]) and full[which]["ppl_increase_se"] > 0
+    assert full["base_loss"] != loose["base_loss"]  # the first batch alone is another sample
+
+
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
@@ -255,6 +283,16 @@ def test_diagnose_and_plot_end_to_end(trained_run, tmp_path):
     assert last["ablation"]["qk"]["ppl_increase"] == pytest.approx(
         last["ablation"]["qk"]["ppl"] - last["ablation"]["base_ppl"]
     )
+    # The ablation reads its own sample (up to the run's 16 validation sequences, never
+    # repeating one) and reports the standard error of each increase against the target.
+    ablation = last["ablation"]
+    assert 2 <= ablation["sequences"] <= 16 and ablation["tokens"] == 64 * ablation["sequences"]
+    errors = [ablation[w]["ppl_increase_se"] for w in ("q", "k", "qk")]
+    assert all(math.isfinite(se) and se > 0 for se in errors)
+    assert ablation["target_se"] == 0.035
+    assert ablation["target_met"] == all(se < 0.035 for se in errors)
+    if ablation["sequences"] < 16:  # stopping early only once the target is met
+        assert ablation["target_met"]
     loc = last["locality"]
     assert loc["rank"] == 16 and set(loc["layers"]) == {"3", "4"}
     for layer in loc["layers"].values():
@@ -277,7 +315,8 @@ def test_diagnose_and_plot_end_to_end(trained_run, tmp_path):
     ckpt = trained_run / "checkpoints" / "iter_0000006"
     assert main(["diagnose", "--checkpoint", str(ckpt), "--data",
                  str(tmp_path / "corpus_text_document"), "--out", str(out),
-                 "--num-sequences", "4", "--locality-rank", "8"]) == 0  # fmt: skip
+                 "--num-sequences", "4", "--locality-rank", "8",
+                 "--ablation-sequences", "8"]) == 0  # fmt: skip
     result = json.loads(out.read_text())["results"]
     assert [r["step"] for r in result] == [6] and result[0]["locality"]["rank"] == 8
     with pytest.raises(SystemExit, match="does not exist"):

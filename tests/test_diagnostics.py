@@ -71,6 +71,31 @@ def test_entropy_floor_term_has_finite_gradients():
     assert query.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_chunked_recomputed_entropy_floor_equals_the_full_computation(chunk):
+    """Chunks of query rows under checkpointing give the full computation's value and gradients.
+
+    Tolerance: the chunked sum adds the same fp32 terms in another order (at most
+    2 x 4 x 8 = 64 of them, each a normalised entropy <= 1), so the sums differ by at most
+    64 x 2^-24 relative; each gradient element comes from its own row's identical arithmetic.
+    """
+    torch.manual_seed(1)
+    q0 = torch.randn(8, 2, 4, 16)
+    k0 = torch.randn(8, 2, 2, 16)
+    results = []
+    for chunk_size in (None, chunk):
+        query, key = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        total, count = normalized_entropy_sum(query, key, 0.25, chunk_size)
+        (total / count).backward()
+        results.append((total.detach(), count, query.grad, key.grad))
+    (t_full, n_full, gq_full, gk_full), (t_chunk, n_chunk, gq_chunk, gk_chunk) = results
+    assert n_full == n_chunk == 2 * 4 * 7
+    eps = 64 * 2.0**-24
+    torch.testing.assert_close(t_chunk, t_full, rtol=eps, atol=0)
+    torch.testing.assert_close(gq_chunk, gq_full, rtol=1e-5, atol=eps * gq_full.abs().max())
+    torch.testing.assert_close(gk_chunk, gk_full, rtol=1e-5, atol=eps * gk_full.abs().max())
+
+
 def test_capture_sees_post_rope_qk_and_leaves_output_unchanged():
     from megatron_qk.config.loader import load_config
     from megatron_qk.diagnostics.recorder import AttentionRecorder

@@ -80,7 +80,8 @@ def test_table_arms_differ_only_by_their_intervention():
     llama_ln = load("table3_components/llama_layernorm/control.yaml").model
     assert (llama_ln.ffn, llama_ln.normalization, llama_ln.bias) == ("swiglu", "layernorm", False)
     t5 = load("table5_ffn_write/gelu2560.yaml")
-    assert t5.model.ffn_hidden_size == 2560 and t5.training.exit_after_steps == 954
+    assert t5.model.ffn_hidden_size == 2560 and t5.training.stop_at_frac == 0.2
+    assert t5.training.exit_after_steps is None  # stopping is the recipe's, not per launch
     assert round(0.2 * t5.planned_steps()) == 954 and t5.planned_steps() == 4769
 
 
@@ -146,3 +147,38 @@ def test_run_table_trains_a_tiny_table_and_compares(tmp_path):
     # Rerun: finished runs are skipped.
     again = _script("run_table.sh", TABLE=str(table), GPUS="1", RUNS_DIR=str(tmp_path / "runs"))
     assert again.returncode == 0 and again.stdout.count("skipping") == 2
+
+
+def test_run_table_reuses_identical_runs_and_skips_stopped_ones(tmp_path):
+    """A run with the same resolved config in another table is linked, not retrained; a run
+    stopped on purpose (training.stop_at_frac) is complete and skipped on a rerun."""
+    common = (
+        "base: tiny\ntraining:\n  train_steps: 4\n  eval_interval: 2\n  save_interval: 0\n"
+        "logging:\n  progress_bar: false\n  tensorboard: false\n"
+    )
+    first, second = tmp_path / "first", tmp_path / "second"
+    for table, name in ((first, "first"), (second, "second")):
+        table.mkdir()
+        (table / "seeds").write_text("3\n")
+        (table / "control.yaml").write_text(common + f"name: {name}\narm: control\n")
+    (second / "stopped.yaml").write_text(
+        common.replace("save_interval: 0", "save_interval: 0\n  stop_at_frac: 0.5")
+        + "name: second\narm: stopped\n"
+    )
+    runs = tmp_path / "runs"
+    proc = _script("run_table.sh", timeout=600, TABLE=str(first), GPUS="1", RUNS_DIR=str(runs))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    dry = _script("run_table.sh", TABLE=str(second), DRY_RUN="1", GPUS="1", RUNS_DIR=str(runs))
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "would reuse" in dry.stdout and dry.stdout.count("would train") == 1
+    proc = _script("run_table.sh", timeout=600, TABLE=str(second), GPUS="1", RUNS_DIR=str(runs))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    linked = runs / "second" / "control-s3"
+    assert "reusing" in proc.stdout and "identical resolved config" in proc.stdout
+    assert linked.is_symlink() and linked.resolve() == (runs / "first" / "control-s3").resolve()
+    stopped = json.loads((runs / "second" / "stopped-s3" / "summary.json").read_text())
+    assert stopped["stopped"] and stopped["steps"] == 2
+    again = _script("run_table.sh", TABLE=str(second), GPUS="1", RUNS_DIR=str(runs))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stopped-s3 stopped, skipping" in again.stdout
+    assert "control-s3 finished, skipping" in again.stdout

@@ -58,16 +58,24 @@ def _update_rounding_bound(before: torch.Tensor, delta: torch.Tensor) -> torch.T
     return 2 * eps32 * (before.abs() + delta.abs())
 
 
-@pytest.mark.parametrize("distopt", [False, True])
-def test_first_step_update_is_multiplier_times_control(tmp_path, single_rank, distopt):
-    """Selected tensors move by exactly 0.25x the control's update; all others identically."""
+@pytest.mark.parametrize(
+    ("distopt", "biases"), [(False, False), (True, False), (False, True)], ids=str
+)
+def test_first_step_update_is_multiplier_times_control(tmp_path, single_rank, distopt, biases):
+    """Selected tensors move by exactly 0.25x the control's update; all others identically.
+
+    By default the rule slows the paper's "W_Q and W_K" (weights); ``biases: true`` adds the
+    Q/K biases.
+    """
     common = (f"parallel.use_distributed_optimizer={str(distopt).lower()}",)
     control, before = _first_update(tmp_path, "control", *common)
-    rule, _ = _first_update(tmp_path, "rule", *common, "optim.rules=[{name: upper_qk}]")
+    flag = ", biases: true" if biases else ""
+    rule, _ = _first_update(tmp_path, "rule", *common, f"optim.rules=[{{name: upper_qk{flag}}}]")
     selected = set()
     for name, delta in control.items():
         upper = any(f"decoder.layers.{i}." in name for i in (2, 3))  # layers 3, 4 of 4
         is_qk = ".linear_q." in name or ".linear_k." in name
+        is_qk = is_qk and (biases or name.endswith(".weight"))
         assert delta.abs().max() > 0, name
         if upper and is_qk:
             selected.add(name)
@@ -78,8 +86,8 @@ def test_first_step_update_is_multiplier_times_control(tmp_path, single_rank, di
             assert ((rule[name] - 0.26 * delta).abs() > bound).any(), name
         else:
             torch.testing.assert_close(rule[name], delta, rtol=0, atol=0)
-    # upper layers' q and k weight + bias: 2 layers x 2 roles x 2 tensors
-    assert len(selected) == 8
+    # upper layers' q and k weights (+ biases): 2 layers x 2 roles x (1 or 2) tensors
+    assert len(selected) == (8 if biases else 4)
     assert any(".linear_v." in n and "layers.3." in n for n in control)
 
 
@@ -168,7 +176,8 @@ def test_groups_keep_their_learning_rates_after_reload(tmp_path, single_rank):
     ruled = [g["lr"] for g in groups if g.get("mqk_rule") == "upper_qk"]
     assert base and ruled and len(set(base)) == 1
     assert ruled == pytest.approx([0.25 * base[0]] * len(ruled))
-    assert sum(len(g["params"]) for g in groups if g.get("mqk_rule")) == 8
+    # Upper layers 3-4: W_Q and W_K weights (their biases stay at the full rate by default).
+    assert sum(len(g["params"]) for g in groups if g.get("mqk_rule")) == 4
 
 
 def test_entropy_floor_pushes_only_attention_and_vanishes_above_the_floor(tmp_path, single_rank):

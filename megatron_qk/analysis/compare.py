@@ -41,7 +41,8 @@ DEFAULT_CONTROL = "control"
 # change on a resume (they do not change the trained model) and the interventions' own knobs.
 IGNORED_KEYS = frozenset(
     "arm name training.seed training.output_dir training.resume training.exit_after_steps "
-    "training.log_interval optim.rules optim.lr_multiplier".split()
+    "training.log_interval optim.rules optim.lr_multiplier training.save_at_fracs "
+    "training.keep_interval_checkpoints".split()
 )
 IGNORED_PREFIXES = ("logging.", "optim.entropy_floor.")
 EVAL_TABLE_MODULE = "megatron_qk.analysis.eval_table"
@@ -74,6 +75,8 @@ class Run:
     tokens: int
     curve: list[tuple[float, float]] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    # summary.json's fingerprint of the training order and validation set (None: older run).
+    data_order: str | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -318,6 +321,7 @@ def load_run(run_dir: Path) -> Run:
         tokens=int(summary["tokens"]),
         curve=[curve[s] for s in sorted(curve)],
         config=flatten(config_to_dict(cfg)),
+        data_order=summary.get("data_order"),
     )
 
 
@@ -326,12 +330,15 @@ def config_differences(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if _compared(k) and a.get(k) != b.get(k))
 
 
-def validate_runs(runs: Sequence[Run], control_arm: str) -> None:
+def validate_runs(
+    runs: Sequence[Run], control_arm: str, allow_different_data: bool = False
+) -> None:
     """Check that the runs form a paired comparison.
 
     Raises:
         CompareError: for a missing control arm, two runs with the same arm and seed, a seed
-            present in one arm but not another, or configs that differ beyond the ignored keys.
+            present in one arm but not another, configs that differ beyond the ignored keys, or
+            (unless ``allow_different_data``) runs whose ``data_order`` differs.
     """
     by_arm: dict[str, dict[int, Run]] = {}
     for run in runs:
@@ -378,16 +385,41 @@ def validate_runs(runs: Sequence[Run], control_arm: str) -> None:
             raise CompareError(
                 f"{run.path} and {reference.path} have mismatched configs: {details}{more}"
             )
+    if not allow_different_data:
+        check_same_data_order(runs)
 
 
-def load_and_compare(paths: Iterable[str | Path], control_arm: str = DEFAULT_CONTROL) -> dict:
+def check_same_data_order(runs: Sequence[Run]) -> None:
+    """Refuse runs that read different training orders or validation sets.
+
+    Runs without ``data_order`` (written before it existed) are not checked.
+
+    Raises:
+        CompareError: naming two runs whose ``data_order`` differs.
+    """
+    known = [r for r in runs if r.data_order is not None]
+    for run in known[1:]:
+        if run.data_order != known[0].data_order:
+            raise CompareError(
+                f"{run.path} and {known[0].path} read different data (data_order "
+                f"{run.data_order} vs {known[0].data_order}: training order or validation set "
+                "differ, e.g. another training.data_seed or dataset); pass "
+                "--allow-different-data to compare them anyway"
+            )
+
+
+def load_and_compare(
+    paths: Iterable[str | Path],
+    control_arm: str = DEFAULT_CONTROL,
+    allow_different_data: bool = False,
+) -> dict:
     """Find, load, validate and compare runs (the whole command without printing).
 
     Raises:
         CompareError: see :func:`find_run_dirs`, :func:`load_run` and :func:`validate_runs`.
     """
     runs = [load_run(p) for p in find_run_dirs(paths)]
-    validate_runs(runs, control_arm)
+    validate_runs(runs, control_arm, allow_different_data)
     return compare_runs(runs, control_arm)
 
 
@@ -434,12 +466,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="ARM",
         help=f"arm the others are compared with (default {DEFAULT_CONTROL})",
     )
+    parser.add_argument(
+        "--allow-different-data",
+        action="store_true",
+        help="pair runs even when their summary.json data_order (training order and "
+        "validation set) differs",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the comparison table (and write ``--json``); exit code 2 on invalid input."""
     try:
-        result = load_and_compare(args.run_dirs, args.control)
+        result = load_and_compare(args.run_dirs, args.control, args.allow_different_data)
     except CompareError as exc:
         print(f"megatron-qk compare: error: {exc}", file=sys.stderr)
         return 2

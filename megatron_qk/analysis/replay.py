@@ -396,7 +396,13 @@ def format_report(result: dict) -> str:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the replay-release options."""
-    parser.add_argument("metrics", metavar="METRICS.jsonl", help="a run's metrics.jsonl (or dir)")
+    parser.add_argument(
+        "metrics",
+        nargs="+",
+        metavar="METRICS.jsonl",
+        help="a run's metrics.jsonl (or dir); several runs (e.g. seeds) are replayed one by one "
+        "and --variants aggregates them like Table 8",
+    )
     parser.add_argument("--threshold", type=float, help="lower-copy threshold")
     parser.add_argument("--patience", type=int, help="consecutive in-window evaluations")
     parser.add_argument("--min-frac", type=float, help="evaluations before this do not count")
@@ -423,9 +429,22 @@ def run(args: argparse.Namespace) -> int:
         "max_frac": args.max_frac,
     }
     try:
-        result = replay_run(args.metrics, args.rule, overrides, args.variants)
+        results = [replay_run(m, args.rule, overrides, args.variants) for m in args.metrics]
     except ValueError as exc:  # ReplayError, or an invalid setting refused by the controller
         print(f"megatron-qk replay-release: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
-    return 1 if result["agrees"] is False else 0
+    disagrees = any(r["agrees"] is False for r in results)
+    if len(results) == 1:
+        result = results[0]
+        print(json.dumps(result, indent=2) if args.json else format_report(result))
+        return 1 if disagrees else 0
+    from megatron_qk.analysis.replay_aggregate import aggregate_variants, format_aggregate
+
+    table = aggregate_variants(results) if args.variants else []
+    if args.json:
+        print(json.dumps({"runs": results, "variants": table}, indent=2))
+    else:
+        print("\n\n".join(format_report(r) for r in results))
+        if table:
+            print("\n" + format_aggregate(table, len(results)))
+    return 1 if disagrees else 0

@@ -19,9 +19,15 @@ from pathlib import Path
 
 import torch
 
+from megatron_qk.diagnostics.ablation import TARGET_SE
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUT_NAME = "diagnose.json"
+# Upper-Q/K ablation sample: at most the 270M recipes' whole validation set (4 x 512 sequences,
+# 2.1M tokens), at least 64 sequences, stopping once the standard errors are below TARGET_SE.
+ABLATION_MAX_SEQUENCES = 2048
+ABLATION_MIN_SEQUENCES = 64
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +55,26 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-sequences", type=int, default=16, help="held-out sequences")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
     parser.add_argument(
+        "--ablation-sequences",
+        type=int,
+        default=ABLATION_MAX_SEQUENCES,
+        help="most held-out sequences for the upper-Q/K ablation (default "
+        f"{ABLATION_MAX_SEQUENCES}; capped at the run's validation samples)",
+    )
+    parser.add_argument(
+        "--ablation-min-sequences",
+        type=int,
+        default=ABLATION_MIN_SEQUENCES,
+        help=f"fewest ablation sequences (default {ABLATION_MIN_SEQUENCES})",
+    )
+    parser.add_argument(
+        "--ablation-target-se",
+        type=float,
+        default=TARGET_SE,
+        help="stop adding ablation sequences once every ppl-increase standard error is below "
+        f"this (default {TARGET_SE}: 10%% of the paper's smallest 270M effect, +0.35 ppl)",
+    )
+    parser.add_argument(
         "--locality-rank",
         type=int,
         default=None,
@@ -59,8 +85,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _indexed_sequences(prefix: str, count: int, seq_length: int, vocab: int) -> torch.Tensor:
-    """The first ``count`` packed sequences of ``seq_length + 1`` tokens of an indexed dataset."""
+def _indexed_sequences(
+    prefix: str, count: int, seq_length: int, vocab: int, at_most: bool = False
+) -> torch.Tensor:
+    """The first ``count`` packed sequences of ``seq_length + 1`` tokens of an indexed dataset.
+
+    ``at_most``: return as many whole sequences as the dataset holds when it has fewer.
+    """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     for suffix in (".bin", ".idx"):
@@ -78,6 +109,9 @@ def _indexed_sequences(prefix: str, count: int, seq_length: int, vocab: int) -> 
         have += doc.numel()
         if have >= need:
             break
+    if have < need and at_most and have >= seq_length + 1:
+        count = have // (seq_length + 1)
+        need = count * (seq_length + 1)
     if have < need:
         raise ValueError(
             f"--data {prefix} holds {have} tokens; {count} sequences of {seq_length + 1} need "
@@ -93,35 +127,50 @@ def _indexed_sequences(prefix: str, count: int, seq_length: int, vocab: int) -> 
 
 
 def heldout_batches(
-    loaded, data_prefix: str | None, num_sequences: int, batch_size: int
+    loaded, data_prefix: str | None, num_sequences: int, batch_size: int, at_most: bool = False
 ) -> list[dict[str, torch.Tensor]]:
-    """Held-out micro-batches on the model's device."""
+    """Held-out micro-batches on the model's device.
+
+    ``at_most``: fewer sequences when ``--data`` holds fewer (the ablation's upper bound).
+    """
     from megatron_qk.training.data import build_datasets, collate_samples
 
     cfg = loaded.cfg
     seq = cfg.model.seq_length
     if data_prefix is not None:
-        tokens = _indexed_sequences(data_prefix, num_sequences, seq, cfg.model.vocab_size)
+        tokens = _indexed_sequences(data_prefix, num_sequences, seq, cfg.model.vocab_size, at_most)
         samples = [{"tokens": t[:-1], "labels": t[1:]} for t in tokens]
     else:
         datasets = build_datasets(cfg, cfg.planned_steps(), str(loaded.run_dir))
         valid = datasets.valid
-        samples = [valid[i % len(valid)] for i in range(num_sequences)]
+        # Never repeat a sequence: a repeat would shrink the ablation's standard error falsely.
+        samples = [valid[i] for i in range(min(num_sequences, len(valid)))]
     batches = []
+    num_sequences = len(samples)
     for start in range(0, num_sequences, batch_size):
         batch = collate_samples(samples[start : start + batch_size])
         batches.append({k: v.to(loaded.device) for k, v in batch.items()})
     return batches
 
 
-def diagnose_checkpoint(loaded, batches, recorder, locality_rank: int | None) -> dict:
+def diagnose_checkpoint(
+    loaded,
+    batches,
+    recorder,
+    locality_rank: int | None,
+    ablation_batches=None,
+    ablation_target_se: float | None = None,
+    ablation_min_sequences: int = 0,
+) -> dict:
     """Probes, ablation and locality of one loaded checkpoint.
 
     Args:
         loaded: the checkpoint (:class:`megatron_qk.training.restore.LoadedCheckpoint`).
-        batches: held-out batches (:func:`heldout_batches`).
+        batches: held-out batches (:func:`heldout_batches`) of the probes and locality.
         recorder: an ``AttentionRecorder`` on ``loaded.model`` holding the run's initial Q/K.
         locality_rank: rank of the immature subspace (None: the head dimension).
+        ablation_batches: held-out batches of the ablation (default: ``batches``), read until
+            ``ablation_target_se`` is met (see :func:`upper_qk_ablation`).
     """
     from megatron_qk.diagnostics.ablation import upper_qk_ablation
     from megatron_qk.diagnostics.locality import locality_diagnostic
@@ -141,7 +190,13 @@ def diagnose_checkpoint(loaded, batches, recorder, locality_rank: int | None) ->
         "seed": cfg.training.seed,
         "sequences": sum(int(b["tokens"].shape[0]) for b in batches),
         "probes": probes,
-        "ablation": upper_qk_ablation(model, recorder, batches),
+        "ablation": upper_qk_ablation(
+            model,
+            recorder,
+            batches if ablation_batches is None else ablation_batches,
+            ablation_target_se,
+            ablation_min_sequences,
+        ),
         "locality": locality_diagnostic(model, batches, cfg.model.num_layers, locality_rank),
     }
 
@@ -151,7 +206,9 @@ def _summary_line(result: dict) -> str:
     return (
         f"step {result['step']}: upper entropy {p['upper_entropy']:.3f}, upper logit "
         f"{p['upper_logit']:.3f}, lower copy {p['lower_copy']:.4f}, ppl "
-        f"{a['base_ppl']:.2f} ({a['qk']['ppl_increase']:+.2f} with upper Q/K zeroed), "
+        f"{a['base_ppl']:.2f} ({a['qk']['ppl_increase']:+.2f} ± "
+        f"{a['qk'].get('ppl_increase_se', float('nan')):.2f} with upper Q/K zeroed, "
+        f"{a.get('sequences', '?')} sequences), "
         f"lambda_Q {loc['lambda_q']:.3f} lambda_K {loc['lambda_k']:.3f} "
         f"R_P/|X|^2 {loc['rp_fraction']:.3f}"
     )
@@ -168,6 +225,9 @@ def diagnose_checkpoints(
     chunk_size: int = 256,
     skip_done: bool = False,
     echo=print,
+    ablation_sequences: int = 0,
+    ablation_min_sequences: int = 0,
+    ablation_target_se: float | None = None,
 ) -> list[dict]:
     """Diagnose checkpoints of one run, merging each result into ``out`` as soon as it is done.
 
@@ -176,6 +236,8 @@ def diagnose_checkpoints(
 
     Args:
         skip_done: leave out checkpoints whose step ``out`` already holds.
+        ablation_sequences: most held-out sequences of the ablation (0: the probes' batches).
+        ablation_min_sequences, ablation_target_se: see :func:`upper_qk_ablation`.
         echo: called with one summary line per checkpoint (None: silent).
 
     Raises:
@@ -194,16 +256,28 @@ def diagnose_checkpoints(
         done = {r["step"] for r in json.loads(out.read_text(encoding="utf-8"))["results"]}
         checkpoints = [c for c in checkpoints if int(c.name.split("_")[1]) not in done]
     results: list[dict] = []
-    loaded = recorder = batches = None
+    loaded = recorder = batches = ablation_batches = None
     for ckpt in tqdm(checkpoints, desc="diagnose", unit="ckpt", disable=len(checkpoints) < 2):
         if loaded is None:
             loaded = load_checkpoint_for_analysis(ckpt)
             batches = heldout_batches(loaded, data_prefix, num_sequences, batch_size)
+            if ablation_sequences:
+                ablation_batches = heldout_batches(
+                    loaded, data_prefix, ablation_sequences, batch_size, at_most=True
+                )
             recorder = AttentionRecorder([loaded.model], loaded.cfg.model.num_layers, chunk_size)
             recorder.snapshot_initial_qk([build_initial_model(loaded.cfg, loaded.device)])
         else:
             loaded = reload_weights(loaded, ckpt)
-        result = diagnose_checkpoint(loaded, batches, recorder, locality_rank)
+        result = diagnose_checkpoint(
+            loaded,
+            batches,
+            recorder,
+            locality_rank,
+            ablation_batches,
+            ablation_target_se,
+            ablation_min_sequences,
+        )
         results.append(result)
         merge_results(out, run_dir, [result])  # keep what is done if interrupted
         if echo is not None:
@@ -236,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_qk.training.distributed import teardown_distributed
     from megatron_qk.training.restore import resolve_checkpoint
 
-    if args.num_sequences < 1 or args.batch_size < 1:
+    if min(args.num_sequences, args.batch_size, args.ablation_sequences) < 1:
         raise SystemExit("megatron-qk diagnose: --num-sequences and --batch-size must be >= 1")
     try:
         ckpt, run_dir = resolve_checkpoint(args.checkpoint)
@@ -254,6 +328,9 @@ def run(args: argparse.Namespace) -> int:
             args.batch_size,
             args.locality_rank,
             args.chunk_size,
+            ablation_sequences=args.ablation_sequences,
+            ablation_min_sequences=args.ablation_min_sequences,
+            ablation_target_se=args.ablation_target_se,
         )
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"megatron-qk diagnose: {exc}") from None

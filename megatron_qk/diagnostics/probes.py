@@ -51,10 +51,15 @@ def _expand_groups(key: torch.Tensor, num_heads: int) -> torch.Tensor:
     return key.repeat_interleave(num_heads // groups, dim=2)
 
 
-def _causal_rows(q: torch.Tensor, k: torch.Tensor, scale: float, rows: slice) -> torch.Tensor:
-    """Scaled logits ``[b, h, r, s]`` of query rows ``rows`` with future keys at -inf."""
+def _causal_rows(
+    q: torch.Tensor, k: torch.Tensor, scale: float, rows: slice, offset: int = 0
+) -> torch.Tensor:
+    """Scaled logits ``[b, h, r, s]`` of query rows ``rows`` with future keys at -inf.
+
+    ``offset``: the sequence position of ``q``'s first row (when ``q`` is already a row chunk).
+    """
     logits = torch.einsum("rbhd,sbhd->bhrs", q[rows].float(), k.float()) * scale
-    r_idx = torch.arange(rows.start, rows.stop, device=q.device)[:, None]
+    r_idx = torch.arange(rows.start + offset, rows.stop + offset, device=q.device)[:, None]
     k_idx = torch.arange(k.shape[0], device=q.device)[None, :]
     return logits.masked_fill(k_idx > r_idx, float("-inf"))
 
@@ -111,22 +116,45 @@ def layer_statistics(
     return out
 
 
-def normalized_entropy_sum(
-    query: torch.Tensor, key: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, int]:
-    """Differentiable sum of normalised row entropies (rows >= 1) and the row count.
-
-    Used by the entropy floor on the training batch; gradients flow to ``query`` and ``key``.
-    """
-    s, _, heads, _ = query.shape
-    key = _expand_groups(key, heads)
-    logits = _causal_rows(query, key, scale, slice(0, s))
+def _rows_entropy_sum(q_rows: torch.Tensor, key: torch.Tensor, scale: float, start: int):
+    """Sum over query rows ``start .. start + r`` (rows >= 1) of the normalised row entropy."""
+    r = q_rows.shape[0]
+    logits = _causal_rows(q_rows, key, scale, slice(0, r), offset=start)
     logp = torch.log_softmax(logits, dim=-1)
     # Masked keys have logp = -inf; zero them *before* multiplying so no 0 * inf reaches the
     # backward pass (torch.where after the product would still propagate NaN gradients).
     causal = torch.isfinite(logp)
     logp = torch.where(causal, logp, torch.zeros_like(logp))
     probs = logp.exp() * causal
-    ent = -(probs * logp).sum(-1)[..., 1:]  # [b, h, s-1]
-    norm = torch.log(torch.arange(2, s + 1, device=query.device, dtype=torch.float32))
-    return (ent / norm).sum(), ent.numel()
+    ent = -(probs * logp).sum(-1)  # [b, h, r]
+    rows = torch.arange(start, start + r, device=q_rows.device)
+    use = rows >= 1
+    norm = torch.log((rows[use] + 1).float())
+    return (ent[..., use] / norm).sum()
+
+
+def normalized_entropy_sum(
+    query: torch.Tensor, key: torch.Tensor, scale: float, chunk_size: int | None = None
+) -> tuple[torch.Tensor, int]:
+    """Differentiable sum of normalised row entropies (rows >= 1) and the row count.
+
+    Used by the entropy floor on the training batch; gradients flow to ``query`` and ``key``.
+    The attention is computed ``chunk_size`` query rows at a time under activation
+    checkpointing: the forward keeps no attention matrix for the backward, which recomputes one
+    chunk at a time. Memory is then ``b x heads x chunk x s`` floats per chunk instead of the
+    full ``b x heads x s x s`` attention (and its softmax intermediates) held from forward to
+    backward for every upper layer. None: one chunk, no recomputation.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    s, b, heads, _ = query.shape
+    key = _expand_groups(key, heads)
+    if chunk_size is None or chunk_size >= s:
+        return _rows_entropy_sum(query, key, scale, 0), b * heads * (s - 1)
+    total = query.new_zeros((), dtype=torch.float32)
+    for start in range(0, s, chunk_size):
+        q_rows = query[start : start + chunk_size]
+        total = total + checkpoint(
+            _rows_entropy_sum, q_rows, key, scale, start, use_reentrant=False
+        )
+    return total, b * heads * (s - 1)

@@ -87,6 +87,7 @@ class AttentionRecorder:
         seq_parallel = any(a.config.sequence_parallel for a in self.attention.values())
         self._count_ffn = seq_parallel or parallel_state.get_tensor_model_parallel_rank() == 0
         self.tokens: torch.Tensor | None = None
+        self.valid_rows: int | None = None
         self._stats: torch.Tensor | None = None
         self._ffn: torch.Tensor | None = None
         self._initial_qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -96,9 +97,16 @@ class AttentionRecorder:
         """Upper half: global 1-based layer number above ``num_layers / 2``."""
         return layer_number > self.num_layers / 2
 
-    def set_tokens(self, tokens: torch.Tensor) -> None:
-        """Tokens ``[b, s]`` of the micro-batch about to run forward (copy-score targets)."""
+    def set_tokens(self, tokens: torch.Tensor, valid_rows: int | None = None) -> None:
+        """Tokens ``[b, s]`` of the micro-batch about to run forward (copy-score targets).
+
+        Args:
+            tokens: the micro-batch's tokens.
+            valid_rows: statistics count only the first ``valid_rows`` sequences (the rest pad
+                the last held-out micro-batch); None counts all of them.
+        """
         self.tokens = tokens
+        self.valid_rows = valid_rows
 
     # -- initial weights (displacement) ------------------------------------------------------
     @torch.no_grad()
@@ -134,6 +142,7 @@ class AttentionRecorder:
             for core in self.layers:
                 core.mqk_probe = None
             self.tokens = None
+            self.valid_rows = None
 
     @contextlib.contextmanager
     def statistics(self) -> Iterator[None]:
@@ -144,8 +153,13 @@ class AttentionRecorder:
         def probe(core, query, key):
             if self.tokens is None:
                 raise RuntimeError("AttentionRecorder.set_tokens was not called before forward")
+            tokens, rows = self.tokens, self.valid_rows
+            if rows is not None:  # padded held-out slots: [s, b, ...] layout, batch is dim 1
+                if rows == 0:
+                    return
+                query, key, tokens = query[:, :rows], key[:, :rows], tokens[:rows]
             stats = layer_statistics(
-                query, key, self.tokens, softmax_scale(core, query.shape[-1]), self.chunk_size
+                query, key, tokens, softmax_scale(core, query.shape[-1]), self.chunk_size
             )
             if self._stats is None:
                 self._stats = torch.zeros(
@@ -160,6 +174,10 @@ class AttentionRecorder:
                 if not self._count_ffn:
                     return
                 write = _ffn_write(output).detach()
+                if self.valid_rows is not None:  # [s, b, h]: drop the padded sequences
+                    write = write[:, : self.valid_rows]
+                    if write.numel() == 0:
+                        return
                 if self._ffn is None:
                     self._ffn = torch.zeros(
                         self.num_layers, 2, dtype=torch.float64, device=write.device
@@ -205,7 +223,9 @@ class AttentionRecorder:
         def probe(core, query, key):
             if self.is_upper(self.layers[core]):
                 scale = softmax_scale(core, query.shape[-1])
-                self._entropies.append(normalized_entropy_sum(query, key, scale))
+                # Chunked and recomputed in the backward: no full s x s attention is kept
+                # from forward to backward (~4 GB per 270M layer at micro-batch 16).
+                self._entropies.append(normalized_entropy_sum(query, key, scale, self.chunk_size))
 
         with self.attached(probe):
             yield

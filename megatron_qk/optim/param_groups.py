@@ -85,9 +85,22 @@ def parse_layers(spec: str, num_layers: int, where: str = "layers") -> frozenset
     return frozenset(layers)
 
 
-def _selected(layers: frozenset[int], roles: frozenset[str], param: torch.nn.Parameter) -> bool:
+# Roles whose 1-D parameters are linear-layer biases (a norm's 1-D parameters are its weights).
+_LINEAR_ROLES = frozenset({"q", "k", "v", "qkv", "o", "fc1", "fc2"})
+
+
+def _selected(
+    layers: frozenset[int],
+    roles: frozenset[str],
+    param: torch.nn.Parameter,
+    biases: bool = True,
+) -> bool:
     layer = getattr(param, LAYER_ATTR, None)
-    return layer is not None and layer in layers and getattr(param, ROLE_ATTR, None) in roles
+    role = getattr(param, ROLE_ATTR, None)
+    if layer is None or layer not in layers or role not in roles:
+        return False
+    # A linear layer's weight is 2-D (also as a TP shard); its bias is 1-D.
+    return biases or role not in _LINEAR_ROLES or param.dim() > 1
 
 
 def rule_predicates(
@@ -97,7 +110,7 @@ def rule_predicates(
     preds = {}
     for i, rule in enumerate(rules):
         layers = parse_layers(rule.layers, num_layers, where=f"optim.rules[{i}].layers")
-        fn = functools.partial(_selected, layers, frozenset(rule.roles))
+        fn = functools.partial(_selected, layers, frozenset(rule.roles), biases=rule.biases)
         preds[rule.name] = ParamPredicate(name=rule_tag(rule.name), fn=fn)
     return preds
 

@@ -1,1 +1,1 @@
-"""Torch-free run-directory helpers: identity, the training lock, moving an old run aside."""
+"""Torch-free run-directory helpers: identity, lock, moving an old run aside, config hashes."""

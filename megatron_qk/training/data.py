@@ -110,7 +110,7 @@ def _build_gpt_datasets(cfg: ExperimentConfig, sizes: list[int], cache_dir: str)
     d = cfg.data
     eod = check_data_tokenizer(cfg)
     common = dict(
-        random_seed=cfg.training.seed,
+        random_seed=cfg.training.data_seed,  # sample order: the same for every training.seed
         sequence_length=cfg.model.seq_length,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -156,14 +156,14 @@ def build_datasets(cfg: ExperimentConfig, planned_steps: int, output_dir: str) -
             raise ConfigError("data.synthetic_vocab", "must not exceed model.vocab_size")
         d = cfg.data
         train = SyntheticDataset(
-            cfg.model.seq_length, d.synthetic_vocab, d.synthetic_pattern, t.seed, train_samples
+            cfg.model.seq_length, d.synthetic_vocab, d.synthetic_pattern, t.data_seed, train_samples
         )
         # A different seed stream keeps validation samples disjoint from training samples.
         valid = SyntheticDataset(
             cfg.model.seq_length,
             d.synthetic_vocab,
             d.synthetic_pattern,
-            t.seed + 10**6,
+            t.data_seed + 10**6,
             valid_samples,
         )
         return Datasets(train, valid)
@@ -214,3 +214,31 @@ def micro_batches(
             [dataset[(first + i) % len(dataset)] for i in range(micro_batch_size)]
         )
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def held_out_micro_batches(
+    dataset: torch.utils.data.Dataset,
+    num_sequences: int,
+    num_microbatches: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    device: torch.device,
+) -> Iterator[dict[str, torch.Tensor | int]]:
+    """This rank's micro-batches over exactly the first ``num_sequences`` samples of ``dataset``.
+
+    Samples are dealt as in :func:`micro_batches`; slots past ``num_sequences`` repeat sample 0
+    as padding, and each batch carries ``valid_rows``: how many of its leading rows are real.
+    Every layout (any micro-batch size, data-parallel size) then reads the same sequences.
+    """
+    stride = micro_batch_size * dp_size
+    for m in range(num_microbatches):
+        first = m * stride + dp_rank * micro_batch_size
+        valid = max(0, min(micro_batch_size, num_sequences - first))
+        indices = [first + i if i < valid else 0 for i in range(micro_batch_size)]
+        batch = collate_samples([dataset[i % len(dataset)] for i in indices])
+        out: dict[str, torch.Tensor | int] = {
+            k: v.to(device, non_blocking=True) for k, v in batch.items()
+        }
+        out["valid_rows"] = valid
+        yield out

@@ -97,6 +97,7 @@ def dry_run(cfg: ExperimentConfig) -> dict:
     from megatron_qk.models.builder import build_gpt_model, padded_vocab_size
     from megatron_qk.models.params import count_parameters, expected_parameter_count
     from megatron_qk.models.specs import build_layer_spec, use_transformer_engine
+    from megatron_qk.training.checkpoint_plan import end_step, planned_checkpoint_steps
     from megatron_qk.training.restore import single_process_config
 
     single = single_process_config(cfg)
@@ -123,6 +124,9 @@ def dry_run(cfg: ExperimentConfig) -> dict:
         "planned_tokens": cfg.planned_steps()
         * cfg.training.global_batch_size
         * cfg.model.seq_length,
+        # Every step an uninterrupted run saves a checkpoint at (interval, save_at_fracs, end).
+        "checkpoint_steps": planned_checkpoint_steps(cfg),
+        "end_step": end_step(cfg),
         "layout": {
             "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
             "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,

@@ -23,7 +23,9 @@ from megatron_qk.config.schema import ConfigError, ExperimentConfig
 from megatron_qk.diagnostics.recorder import AttentionRecorder
 from megatron_qk.optim.release import entropy_floor_penalty
 from megatron_qk.training import checkpoint as ckpt
-from megatron_qk.training.data import build_datasets, micro_batches
+from megatron_qk.training import checkpoint_plan
+from megatron_qk.training.data import build_datasets, held_out_micro_batches, micro_batches
+from megatron_qk.training.data_order import data_order_hash
 from megatron_qk.training.distributed import ParallelInfo
 from megatron_qk.training.run_dir import check_resume_compatible, write_config, write_summary
 from megatron_qk.training.run_identity import claim_run_dir
@@ -111,6 +113,8 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.run_dir = Path(cfg.training.output_dir)
         self.planned_steps = cfg.planned_steps()
+        # The last step of this recipe: planned_steps, or training.stop_at_frac of it.
+        self.end_step = checkpoint_plan.end_step(cfg)
         t = cfg.training
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * info.dp_size)
         self.bf16 = cfg.training.precision == "bf16" or (
@@ -153,6 +157,9 @@ class Trainer:
             self.tf_config.param_sync_func = self.model.start_param_sync
         self.forward_backward = get_forward_backward_func()
         self.datasets = build_datasets(cfg, self.planned_steps, str(self.run_dir))
+        self.data_order = data_order_hash(
+            self.datasets.train, self.datasets.valid, t.eval_iters * t.global_batch_size
+        )
         self.step = 0
         self.consumed_samples = 0
         self.releases: dict[str, dict] = {}
@@ -177,7 +184,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        self.recorder.set_tokens(batch["tokens"])
+        self.recorder.set_tokens(batch["tokens"], batch.get("valid_rows"))
         output = model(
             batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
         )
@@ -193,11 +200,16 @@ class Trainer:
         return entropy_floor_penalty(upper_entropy, floor.h0, self._floor_weight)
 
     def _run_batches(
-        self, dataset, start: int, forward_only: bool, num_microbatches: int | None = None
+        self,
+        dataset,
+        start: int,
+        forward_only: bool,
+        num_microbatches: int | None = None,
+        data_iterator=None,
     ) -> float:
         t = self.cfg.training
         num_microbatches = num_microbatches or self.num_microbatches
-        it = micro_batches(
+        it = data_iterator or micro_batches(
             dataset,
             start,
             num_microbatches,
@@ -302,28 +314,49 @@ class Trainer:
     def _diagnose(self) -> dict:
         """Attention probes on the fixed held-out diagnostic sequences (collective).
 
-        The first ``diagnostics.num_sequences`` validation samples (rounded up to whole
-        micro-batches over the data-parallel ranks) go through the model's own forward pass;
-        the recorder recomputes each layer's attention from its post-RoPE Q/K.
+        Exactly the first ``diagnostics.num_sequences`` validation samples, whatever the layout:
+        they are dealt over whole micro-batches of the data-parallel ranks, the slots past the
+        last one are padded and masked out of the statistics (``valid_rows``), so every layout
+        gives the same ``diag`` values and the same release. They go through the model's own
+        forward pass; the recorder recomputes each layer's attention from its post-RoPE Q/K.
         """
         t, d = self.cfg.training, self.cfg.diagnostics
         per_round = t.micro_batch_size * self.info.dp_size
         rounds = max(1, -(-d.num_sequences // per_round))
+        batches = held_out_micro_batches(
+            self.datasets.valid,
+            d.num_sequences,
+            rounds,
+            t.micro_batch_size,
+            self.info.dp_rank,
+            self.info.dp_size,
+            self.info.device,
+        )
         with self.recorder.statistics():
-            self._run_batches(self.datasets.valid, 0, forward_only=True, num_microbatches=rounds)
+            self._run_batches(
+                self.datasets.valid, 0, True, num_microbatches=rounds, data_iterator=batches
+            )
         record = self.recorder.reduce(self.info.device)
         return {
             "kind": "diag",
             "step": self.step,
             "tokens": self.consumed_samples * self.cfg.model.seq_length,
             "frac": self.step / self.planned_steps,
-            "sequences": rounds * per_round,
+            "sequences": d.num_sequences,
             **record,
         }
 
     # ----------------------------------------------------------------------------------------
     def save(self) -> Path:
-        """Checkpoint the current state (collective)."""
+        """Checkpoint the current state (collective), then rotate old interval checkpoints."""
+        path = self._save()
+        if self.info.is_logging_rank:
+            checkpoint_plan.rotate_checkpoints(self.cfg, self.run_dir / "checkpoints")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return path
+
+    def _save(self) -> Path:
         return ckpt.save_checkpoint(
             self.run_dir / "checkpoints",
             self.model_chunks,
@@ -382,7 +415,7 @@ class Trainer:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         resumed = self.maybe_resume()
-        if resumed and self.step >= self.planned_steps:
+        if resumed and self.step >= self.end_step:
             summary_path = self.run_dir / "summary.json"
             if summary_path.exists():
                 logger.info("run in %s already finished; nothing to do", self.run_dir)
@@ -412,7 +445,7 @@ class Trainer:
         if resumed:
             bar.write(f"resumed from step {self.step} ({self.consumed_samples} samples)")
         start_step = saved_at = self.step
-        stop_at = self.planned_steps
+        stop_at = self.end_step
         if t.exit_after_steps is not None:
             stop_at = min(stop_at, self.step + t.exit_after_steps)
         try:
@@ -427,10 +460,10 @@ class Trainer:
                 if self.step % t.log_interval == 0 or self.step == stop_at:
                     sinks.write(record)
                 bar.update(record["loss"], record["tokens_per_second"], record["lr"])
-                is_last = self.step == self.planned_steps
+                is_last = self.step == self.end_step
                 if is_last or (t.eval_interval and self.step % t.eval_interval == 0):
                     self._evaluate_and_log(sinks, bar)
-                if t.save_interval and self.step % t.save_interval == 0 and not is_last:
+                if checkpoint_plan.is_save_step(cfg, self.step) and self.step != stop_at:
                     self.save()
                     saved_at = self.step
                 if self.preemption is not None:
@@ -441,11 +474,11 @@ class Trainer:
             self.profiler.close()
             bar.close()
             sinks.close()
-        if self.step == self.planned_steps and self.last_eval is None and t.eval_interval:
+        if self.step == self.end_step and self.last_eval is None and t.eval_interval:
             # Resumed from the final checkpoint of a run killed before its summary was written.
             self.last_eval = self.evaluate()
         summary = self._summary()
-        if info.is_logging_rank and self.step == self.planned_steps:
+        if info.is_logging_rank and self.step == self.end_step:
             write_summary(self.run_dir, summary)
         return summary
 
@@ -517,4 +550,7 @@ class Trainer:
             "final_val_ppl": last.get("val_ppl"),
             "release": dict(self.releases),
             "sharp_entropy_crossing": self.sharp_crossing,
+            # Stopped on purpose at training.stop_at_frac (not finished, but complete).
+            "stopped": self.step == self.end_step < self.planned_steps,
+            "data_order": self.data_order,
         }

@@ -19,6 +19,9 @@ RESUME_FREE_KEYS = {
     "training.exit_after_steps",
     "training.resume",
     "training.log_interval",
+    # Checkpoint bookkeeping: which steps are kept does not change the trained model.
+    "training.save_at_fracs",
+    "training.keep_interval_checkpoints",
     "logging.progress_bar",
     "logging.tensorboard",
     "logging.wandb",

@@ -1,0 +1,383 @@
+"""``megatron-qk readout``: the paper's early-training readout columns from run directories.
+
+Tables 3, 4, 6, 9 and 10 have "@3%" columns, Table 5 is read at 3% of runs stopped at 20%,
+Table 7 reads 20%, Appendix C and Section 5.6 quote relative FFN-write reductions and Figure 2
+plots the intervention's gain against early upper entropy across architectures. All of them are
+``diag`` lines of the runs' ``metrics.jsonl`` plus the final perplexity of ``summary.json``, so
+this command reads files only (no torch, no checkpoint).
+
+*Which evaluation is "at 3%".* The ``diag`` line whose step is nearest to ``frac x planned
+steps`` (the earlier one on a tie); its actual step and fraction are printed next to the values.
+With the paper's recipes (evaluations every 24 of 4769 steps) 3% reads step 144 (3.02%) and 20%
+step 960 (20.13%); ``megatron-qk diagnose`` on the ``save_at_fracs`` checkpoints gives the exact
+steps 143 and 954.
+
+Views (each printed when the runs hold what it needs):
+
+* **runs**: one row per run and fraction: lower copy, upper entropy, upper logit, logit ratio,
+  sigma_1 of the upper W_Q^T W_K, its displacement from initialisation, upper and first-upper
+  FFN write RMS, the release step, the final perplexity (or "stopped" / "running").
+* **pairs** (Tables 3, 4, 6, 7, 9, 10): runs grouped by recipe ``name``; every arm against the
+  group's ``control`` arm (paired by seed, averaged over seeds): final ppl, ppl reduction
+  (control minus arm), final loss difference, and the arm's readouts at the first ``--at``.
+* **relative** (Table 5, Appendix C, Section 5.6): within a ``name`` group, the upper and
+  first-upper FFN write RMS reduction of each run relative to each other run, ``1 - x / ref``.
+* ``--figure2 PNG``: per group, the ppl reduction against the control's upper entropy at the
+  first ``--at`` (Figure 2, right) and the reductions as bars (left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+from megatron_qk.training.sinks import read_metrics
+
+# (diag field, column header).
+COLUMNS = (
+    ("lower_copy", "lower copy"),
+    ("upper_entropy", "upper entropy"),
+    ("upper_logit", "upper logit"),
+    ("logit_ratio", "logit ratio"),
+    ("upper_qk_sigma", "sigma_1"),
+    ("upper_qk_displacement", "displacement"),
+    ("upper_ffn_write_rms", "upper FFN write"),
+    ("first_upper_ffn_write_rms", "first-upper FFN write"),
+)
+CONTROL_ARM = "control"
+
+
+class ReadoutError(ValueError):
+    """A run directory cannot be read (the message names it)."""
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    """Run directories (holding metrics.jsonl) given or found below the given paths, sorted."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if (path / "metrics.jsonl").is_file():
+            found.append(path)
+        elif path.is_dir():
+            below = sorted(p.parent for p in path.rglob("metrics.jsonl"))
+            if not below:
+                raise ReadoutError(f"{path}: no metrics.jsonl in it or below it")
+            found += below
+        else:
+            raise ReadoutError(f"{path}: not a directory")
+    return sorted(dict.fromkeys(found))
+
+
+def load_run(run_dir: Path) -> dict:
+    """Config facts, diag lines, releases and the summary of one run directory."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ReadoutError(f"{run_dir}: no config.yaml")
+    cfg = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    try:
+        records = read_metrics(run_dir / "metrics.jsonl")
+    except ValueError as exc:
+        raise ReadoutError(str(exc)) from None
+    diags = [r for r in records if r.get("kind") == "diag"]
+    if not diags:
+        raise ReadoutError(f"{run_dir / 'metrics.jsonl'}: no diag lines (diagnostics disabled?)")
+    planned = _planned_steps(diags, run_dir)
+    releases = {}
+    for r in records:
+        if r.get("kind") == "release":
+            releases.setdefault(r["rule"], {"step": r["step"], "frac": r["frac"]})
+    evals = [r for r in records if r.get("kind") == "eval"]
+    summary = None
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    return {
+        "path": str(run_dir),
+        "name": cfg.get("name", run_dir.name),
+        "arm": cfg.get("arm", "?"),
+        "seed": (cfg.get("training") or {}).get("seed"),
+        "planned_steps": planned,
+        "diags": diags,
+        "releases": releases,
+        "summary": summary,
+        "last_eval": evals[-1] if evals else None,
+    }
+
+
+def _planned_steps(diags: list[dict], run_dir: Path) -> int:
+    for d in diags:
+        if d.get("frac"):
+            return round(d["step"] / d["frac"])
+    raise ReadoutError(f"{run_dir}: cannot tell the planned steps (no diag after step 0)")
+
+
+def diag_at(run: dict, frac: float) -> dict | None:
+    """The diag line nearest to ``frac`` of the planned steps (earlier on a tie).
+
+    None when the run's log ends more than half an evaluation interval before that point (a run
+    stopped or still running before it).
+    """
+    target = frac * run["planned_steps"]
+    diags = run["diags"]
+    best = min(diags, key=lambda d: (abs(d["step"] - target), d["step"]))
+    steps = sorted(d["step"] for d in diags)
+    gap = min((b - a for a, b in zip(steps, steps[1:]) if b > a), default=0)
+    if best["step"] < target - gap / 2 - 1e-9:
+        return None
+    return best
+
+
+def final_state(run: dict) -> str:
+    """finished / stopped / running, from summary.json."""
+    s = run["summary"]
+    if s is None:
+        return "running"
+    if s.get("finished"):
+        return "finished"
+    return "stopped" if s.get("stopped") else "running"
+
+
+def run_rows(runs: list[dict], fracs: list[float]) -> list[dict]:
+    """The runs view as data: one row per run and fraction."""
+    rows = []
+    for run in runs:
+        release = next(iter(run["releases"].values()), None)
+        s = run["summary"] or {}
+        for frac in fracs:
+            d = diag_at(run, frac)
+            row = {
+                "run": run["path"],
+                "name": run["name"],
+                "arm": run["arm"],
+                "seed": run["seed"],
+                "at": frac,
+                "step": None if d is None else d["step"],
+                "frac": None if d is None else d["step"] / run["planned_steps"],
+                "release_step": None if release is None else release["step"],
+                "release_frac": None if release is None else release["frac"],
+                "final_val_ppl": s.get("final_val_ppl") if s.get("finished") else None,
+                "final_val_loss": s.get("final_val_loss") if s.get("finished") else None,
+                "state": final_state(run),
+            }
+            for key, _ in COLUMNS:
+                row[key] = None if d is None else d.get(key)
+            rows.append(row)
+    return rows
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def pair_rows(rows: list[dict], at: float) -> list[dict]:
+    """Every arm against its group's control (seed-paired, averaged over seeds)."""
+    by_group: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if r["at"] == at:
+            by_group.setdefault(r["name"], {}).setdefault(r["arm"], {})[r["seed"]] = r
+    out = []
+    for name, arms in sorted(by_group.items()):
+        control = arms.get(CONTROL_ARM)
+        if control is None:
+            continue
+        for arm, runs in sorted(arms.items()):
+            seeds = sorted(s for s in runs if s in control)
+            done = [
+                s
+                for s in seeds
+                if None not in (runs[s]["final_val_ppl"], control[s]["final_val_ppl"])
+            ]
+            row = {
+                "name": name,
+                "arm": arm,
+                "seeds": seeds,
+                "control_ppl": _mean([control[s]["final_val_ppl"] for s in done]),
+                "final_ppl": _mean([runs[s]["final_val_ppl"] for s in done]),
+                "ppl_reduction": _mean(
+                    [control[s]["final_val_ppl"] - runs[s]["final_val_ppl"] for s in done]
+                ),
+                "loss_difference": _mean(
+                    [runs[s]["final_val_loss"] - control[s]["final_val_loss"] for s in done]
+                ),
+                "release_frac": _mean(
+                    [runs[s]["release_frac"] for s in seeds if runs[s]["release_frac"] is not None]
+                ),
+            }
+            for key, _ in COLUMNS:
+                values = [runs[s][key] for s in seeds if runs[s][key] is not None]
+                row[key] = _mean(values)
+            out.append(row)
+    return out
+
+
+def relative_rows(rows: list[dict], at: float) -> list[dict]:
+    """FFN-write reductions ``1 - x / ref`` between the runs of each name group (same seed)."""
+    out = []
+    group = [r for r in rows if r["at"] == at and r["upper_ffn_write_rms"] is not None]
+    for r in group:
+        for ref in group:
+            if ref is r or ref["name"] != r["name"] or ref["seed"] != r["seed"]:
+                continue
+            out.append(
+                {
+                    "name": r["name"],
+                    "arm": r["arm"],
+                    "reference": ref["arm"],
+                    "seed": r["seed"],
+                    "upper_ffn_write_reduction": 1
+                    - r["upper_ffn_write_rms"] / ref["upper_ffn_write_rms"],
+                    "first_upper_ffn_write_reduction": 1
+                    - r["first_upper_ffn_write_rms"] / ref["first_upper_ffn_write_rms"],
+                }
+            )
+    return out
+
+
+def readout(paths: list[str], fracs: list[float]) -> dict:
+    """The whole command as data (see the module docstring)."""
+    runs = [load_run(p) for p in find_runs(paths)]
+    rows = run_rows(runs, fracs)
+    return {
+        "at": fracs,
+        "runs": rows,
+        "pairs": pair_rows(rows, fracs[0]),
+        "relative": relative_rows(rows, fracs[0]),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Formatting, Figure 2, CLI
+# ------------------------------------------------------------------------------------------
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def format_report(result: dict) -> str:
+    """Markdown tables of the three views."""
+    lines = ["## Readouts", ""]
+    head = ["run", "arm", "seed", "at", "read at step"] + [h for _, h in COLUMNS]
+    head += ["release", "final ppl"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["runs"]:
+        read = "n/a" if r["step"] is None else f"{r['step']} ({_pct(r['frac'])})"
+        release = (
+            "none"
+            if r["release_step"] is None
+            else f"{r['release_step']} ({_pct(r['release_frac'])})"
+        )
+        final = _fmt(r["final_val_ppl"]) if r["state"] == "finished" else r["state"]
+        cells = [r["run"], r["arm"], _fmt(r["seed"]), _pct(r["at"]), read]
+        cells += [_fmt(r[k]) for k, _ in COLUMNS] + [release, final]
+        lines.append("| " + " | ".join(cells) + " |")
+    at = _pct(result["at"][0])
+    if result["pairs"]:
+        lines += ["", f"## Against the control (readouts @{at})", ""]
+        head = ["group", "arm", "seeds", "final ppl", "PPL reduction", "Δ loss", "release"]
+        head += [f"{h} @{at}" for k, h in COLUMNS if k != "first_upper_ffn_write_rms"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for p in result["pairs"]:
+            cells = [p["name"], p["arm"], " ".join(map(str, p["seeds"])), _fmt(p["final_ppl"])]
+            cells += [_fmt(p["ppl_reduction"]), _fmt(p["loss_difference"]), _pct(p["release_frac"])]
+            cells += [_fmt(p[k]) for k, _ in COLUMNS if k != "first_upper_ffn_write_rms"]
+            lines.append("| " + " | ".join(cells) + " |")
+    if result["relative"]:
+        lines += ["", f"## FFN write reduction relative to another run (@{at})", ""]
+        lines += [
+            "| group | run | relative to | seed | upper FFN write | first-upper FFN write |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["relative"]:
+            lines.append(
+                f"| {r['name']} | {r['arm']} | {r['reference']} | {r['seed']} | "
+                f"{_pct(r['upper_ffn_write_reduction'])} | "
+                f"{_pct(r['first_upper_ffn_write_reduction'])} |"
+            )
+    return "\n".join(lines)
+
+
+def figure2(result: dict, out: Path) -> int:
+    """Figure 2: ppl reduction per group (left) and against the control's early entropy (right).
+
+    Returns:
+        The number of groups plotted.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    at = result["at"][0]
+    control_entropy = {
+        p["name"]: p["upper_entropy"] for p in result["pairs"] if p["arm"] == CONTROL_ARM
+    }
+    points = [
+        (p["name"], control_entropy.get(p["name"]), p["ppl_reduction"])
+        for p in result["pairs"]
+        if p["arm"] != CONTROL_ARM and p["ppl_reduction"] is not None
+    ]
+    points = [x for x in points if x[1] is not None]
+    if not points:
+        raise ReadoutError("--figure2 needs finished control/arm pairs with diag lines")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [name for name, _, _ in points]
+    left.bar(range(len(points)), [g for _, _, g in points], color="tab:blue")
+    left.set_xticks(range(len(points)), labels, rotation=30, ha="right", fontsize=8)
+    left.set_ylabel("PPL reduction (control - intervention)")
+    left.set_title("Marginal value of early upper-Q/K slowing")
+    right.scatter([e for _, e, _ in points], [g for _, _, g in points], color="tab:red")
+    for name, e, g in points:
+        right.annotate(name, (e, g), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    right.set_xlabel(f"control upper attention entropy @{100 * at:g}%")
+    right.set_ylabel("PPL reduction")
+    right.set_title("Gain vs early upper entropy")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return len(points)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the readout options."""
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories or parents")
+    parser.add_argument(
+        "--at",
+        type=float,
+        action="append",
+        metavar="FRAC",
+        help="training fraction to read (repeatable; default 0.03)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    parser.add_argument("--figure2", metavar="PNG", help="plot Figure 2 over the name groups")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the readout tables; exit 2 on unreadable input."""
+    fracs = args.at or [0.03]
+    if any(not 0.0 <= f <= 1.0 for f in fracs):
+        print("megatron-qk readout: error: --at must be in [0, 1]", file=sys.stderr)
+        return 2
+    try:
+        result = readout(args.run_dirs, fracs)
+        if args.figure2:
+            figure2(result, Path(args.figure2))
+    except ReadoutError as exc:
+        print(f"megatron-qk readout: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
