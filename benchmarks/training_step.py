@@ -56,37 +56,18 @@ def training_step(
     One step is one micro-batch of fixed random tokens through Megatron's schedule, the
     gradient reduction and ``optimizer.step()``.
     """
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.module import Float16Module
 
     from megatron_qk.models.params import annotate_param_roles
     from megatron_qk.optim import build_optimizer
     from megatron_qk.training.loop import _loss_func
+    from megatron_qk.training.wrapping import attach_schedule_hooks, wrap_for_training
 
     annotate_param_roles(model)
     model = model.to(device)
-    if tf_config.bf16:
-        model = Float16Module(tf_config, model)
-    p = cfg.parallel
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=p.overlap_grad_reduce,
-        overlap_param_gather=p.overlap_param_gather,
-        use_distributed_optimizer=p.use_distributed_optimizer,
-        check_for_nan_in_grad=False,
-    )
-    ddp = DistributedDataParallel(config=tf_config, ddp_config=ddp_config, module=model)
+    ddp = wrap_for_training(cfg, tf_config, model, tf_config.bf16)
     optimizer, _ = build_optimizer(cfg, [ddp])
-    tf_config.no_sync_func = ddp.no_sync
-    tf_config.finalize_model_grads_func = finalize_model_grads
-    tf_config.grad_scale_func = optimizer.scale_loss
-    if p.overlap_param_gather:
-        tf_config.param_sync_func = ddp.start_param_sync
+    attach_schedule_hooks(cfg, tf_config, ddp, optimizer)
     forward_backward = get_forward_backward_func()
 
     g = torch.Generator().manual_seed(0)

@@ -99,16 +99,12 @@ class Trainer:
     """Holds the built model, optimizer and data for one run; :meth:`run` trains it."""
 
     def __init__(self, cfg: ExperimentConfig, info: ParallelInfo):
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from megatron_qk.models.builder import build_gpt_model, transformer_config_from
         from megatron_qk.models.params import annotate_param_roles
         from megatron_qk.optim import build_optimizer
+        from megatron_qk.training.wrapping import attach_schedule_hooks, wrap_for_training
 
         self.cfg, self.info = cfg, info
         self.run_dir = Path(cfg.training.output_dir)
@@ -132,29 +128,10 @@ class Trainer:
         self.recorder = AttentionRecorder([model], cfg.model.num_layers, cfg.diagnostics.chunk_size)
         if cfg.diagnostics.enabled:
             self.recorder.snapshot_initial_qk()
-        if self.bf16:
-            from megatron.core.transformer.module import Float16Module
-
-            model = Float16Module(self.tf_config, model)
-        p = cfg.parallel
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=p.overlap_grad_reduce,
-            overlap_param_gather=p.overlap_param_gather,
-            use_distributed_optimizer=p.use_distributed_optimizer,
-            check_for_nan_in_grad=False,
-        )
-        self.model = DistributedDataParallel(
-            config=self.tf_config, ddp_config=ddp_config, module=model
-        )
+        self.model = wrap_for_training(cfg, self.tf_config, model, self.bf16)
         self.model_chunks = [self.model]
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model_chunks)
-        # Hooks Megatron's schedules call (training.py sets the same ones).
-        self.tf_config.no_sync_func = self.model.no_sync
-        self.tf_config.finalize_model_grads_func = finalize_model_grads
-        self.tf_config.grad_scale_func = self.optimizer.scale_loss
-        if p.overlap_param_gather:
-            self.tf_config.param_sync_func = self.model.start_param_sync
+        attach_schedule_hooks(cfg, self.tf_config, self.model, self.optimizer)
         self.forward_backward = get_forward_backward_func()
         self.datasets = build_datasets(cfg, self.planned_steps, str(self.run_dir))
         self.data_order = data_order_hash(
