@@ -40,29 +40,40 @@ EXCLUDED_KEYS = frozenset(
 EXCLUDED_PREFIXES = ("logging.",)
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
+def flatten_config(data: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{"section.key": value}`` (the spelling of ``--set`` keys)."""
     out = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, path + "."))
+            out.update(flatten_config(value, path + "."))
         else:
             out[path] = value
     return out
 
 
-def config_hash(config_dict: dict) -> str:
-    """sha256 (16 hex digits) of the model-relevant part of a resolved config dict."""
+def hash_config(
+    config_dict: dict,
+    excluded: set[str] | frozenset[str] = frozenset(),
+    excluded_prefixes: tuple[str, ...] = (),
+) -> str:
+    """sha256 (hex) of a resolved config dict's canonical JSON, leaving out the ``excluded``
+    dotted keys, keys under ``excluded_prefixes`` and the ``_meta`` block (versions, git sha)."""
     flat = {
         k: v
-        for k, v in _flatten(config_dict).items()
-        if k not in EXCLUDED_KEYS
-        and not k.startswith(EXCLUDED_PREFIXES)
+        for k, v in flatten_config(config_dict).items()
+        if k not in excluded
+        and not k.startswith(excluded_prefixes)
         and k != "_meta"
         and not k.startswith("_meta.")
     }
-    text = json.dumps(flat, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    text = json.dumps(flat, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def config_hash(config_dict: dict) -> str:
+    """sha256 (16 hex digits) of the model-relevant part of a resolved config dict."""
+    return hash_config(config_dict, EXCLUDED_KEYS, EXCLUDED_PREFIXES)[:16]
 
 
 def recipe_hash(config: str, overrides: list[str]) -> str:

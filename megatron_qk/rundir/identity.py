@@ -19,7 +19,6 @@ adopted when everything in it belongs to the user, and refused otherwise.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import os
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_qk.config.schema import ConfigError
+from megatron_qk.rundir.config_hash import hash_config
 
 IDENTITY_FILE = "run_identity.json"
 _START_OVER = "use another training.output_dir, or set training.resume=false to start over there"
@@ -34,17 +34,7 @@ _START_OVER = "use another training.output_dir, or set training.resume=false to 
 
 def recipe_hash(recipe: dict[str, Any], free_keys: set[str] | frozenset[str] = frozenset()) -> str:
     """sha256 of the recipe's canonical JSON, leaving out dotted ``free_keys``."""
-
-    def flatten(data: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in data.items():
-            path = f"{prefix}.{key}" if prefix else str(key)
-            out.update(flatten(value, path) if isinstance(value, dict) else {path: value})
-        return out
-
-    flat = {k: v for k, v in flatten(recipe).items() if k not in free_keys}
-    text = json.dumps(flat, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hash_config(recipe, free_keys)
 
 
 def _user_name() -> str:

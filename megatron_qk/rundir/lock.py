@@ -52,7 +52,8 @@ class RunDirLock:
         """
         if self._file is not None:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Private from the start, like the trainer's own creation (docs/SECURITY.md).
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # "a+" does not truncate: the holder's record stays readable until we own the lock.
         f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
         try:

@@ -47,7 +47,7 @@ def move_run_aside(run_dir: str | os.PathLike[str]) -> Path:
     """
     run_dir = Path(run_dir)
     target = previous_run_path(run_dir)
-    target.mkdir()
+    target.mkdir(mode=0o700)
     for entry in sorted(run_dir.iterdir()):
         if entry.name != LOCK_FILE:
             os.rename(entry, target / entry.name)

@@ -13,6 +13,7 @@ import yaml
 
 from megatron_qk.config.loader import config_to_dict, dump_config
 from megatron_qk.config.schema import ConfigError, ExperimentConfig
+from megatron_qk.rundir.config_hash import flatten_config
 
 # Keys that may differ between the first launch of a run and a resume.
 RESUME_FREE_KEYS = {
@@ -90,17 +91,6 @@ def run_metadata(world_size: int) -> dict:
     return meta
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
-            out.update(_flatten(value, path))
-        else:
-            out[path] = value
-    return out
-
-
 def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
     """Refuse to resume a run directory whose recorded config differs from ``cfg``.
 
@@ -112,7 +102,7 @@ def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
         return
     saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     saved.pop("_meta", None)
-    old, new = _flatten(saved), _flatten(config_to_dict(cfg))
+    old, new = flatten_config(saved), flatten_config(config_to_dict(cfg))
     diff = sorted(
         k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_FREE_KEYS
     )
