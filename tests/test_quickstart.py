@@ -74,7 +74,7 @@ def test_quickstart_writes_the_report(quickstart_out):
     ):
         assert heading in report, heading
     assert "| control |" in report and "| intervention |" in report
-    assert "released at step 2 (frac 0.167, reason: forced)" in report
+    assert "released at step 2 (frac 0.167, reason: forced, last maturity score" in report
     assert "agrees with the run" in report
     compare = json.loads((out / "compare.json").read_text())
     assert set(compare["arms"]) == {"control", "intervention"}
