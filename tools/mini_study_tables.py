@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 ARMS = ("control", "intervention")
-READOUT_FRACS = (0.03, 0.06, 0.09, 0.12)
 READOUTS = ("upper_entropy", "upper_logit", "logit_ratio", "copy_ratio")
 
 
@@ -58,10 +57,6 @@ def _load_pair(pair: Path) -> dict:
     common = set(out["control"]["evals"]) & set(out["intervention"]["evals"])
     out["common_steps"] = sorted(common)
     return out
-
-
-def _nearest(steps: list[int], step: float) -> int:
-    return min(steps, key=lambda s: abs(s - step))
 
 
 def tables(pairs: dict[str, dict], ratio: float) -> list[str]:
@@ -105,27 +100,28 @@ def tables(pairs: dict[str, dict], ratio: float) -> list[str]:
                 f"{mature if mature is not None else 'not reached'} | "
                 f"{low['copy_ratio']:.3f} ({low['step']}) |"
             )
-    # Readouts.
-    lines += ["", "| frac (step) | readout | control | intervention |", "|---|---|---:|---:|"]
-    for frac in READOUT_FRACS:
-        if frac * planned > last:
-            continue
+    # Readouts at the checkpoints (diagnose.json probes on the same held-out sequences).
+    ckpts = sorted(set.intersection(*(set(p[a]["ablation"]) for p in pairs.values() for a in ARMS)))
+    lines += ["", "| checkpoint step (frac) | readout | control | intervention |"]
+    lines += ["|---|---|---:|---:|"]
+    for step in ckpts:
         for key in READOUTS:
             vals = {arm: [] for arm in ARMS}
             for p in pairs.values():
                 for arm in ARMS:
-                    d = p[arm]["diag"]
-                    vals[arm].append(d[_nearest(sorted(d), frac * planned)][key])
-            step = _nearest(sorted(next(iter(pairs.values()))["control"]["diag"]), frac * planned)
+                    probes = p[arm]["ablation"][step]["probes"]
+                    if key == "copy_ratio":
+                        vals[arm].append(probes["lower_copy"] / probes["lower_copy_uniform"])
+                    else:
+                        vals[arm].append(probes[key])
             lines.append(
-                f"| {frac:.2f} ({step}) | {key} | {_ms(vals['control'])} | "
+                f"| {step} ({step / planned:.2f}) | {key} | {_ms(vals['control'])} | "
                 f"{_ms(vals['intervention'])} |"
             )
     # Ablation over checkpoints: loss increase (nats) with upper Q and K zeroed.
     lines += ["", "| checkpoint step (frac) | control Δloss, upper Q/K zeroed | intervention "]
     lines[-1] += "Δloss | control Δppl | intervention Δppl |"
     lines += ["|---|---:|---:|---:|---:|"]
-    ckpts = sorted(set.intersection(*(set(p[a]["ablation"]) for p in pairs.values() for a in ARMS)))
     for step in ckpts:
         cells = []
         for field in ("loss", "ppl"):
