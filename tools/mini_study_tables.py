@@ -1,8 +1,9 @@
 """Markdown tables of the mini study (docs/MINI_STUDY.md) from paired control/intervention runs.
 
-    python tools/mini_study_tables.py RUN_PAIR_DIR [RUN_PAIR_DIR ...] [--ratio 1.3]
+    python tools/mini_study_tables.py DIR [DIR ...] [--ratio 1.3]
 
-Each RUN_PAIR_DIR holds ``control/`` and ``intervention/`` run directories of one seed (their
+Each DIR holds ``control/`` and ``intervention/`` run directories of one seed, or (the
+``run_table.sh`` layout) ``control-sN`` and ``intervention-sN`` pairs of several seeds (their
 ``metrics.jsonl``, and ``diagnose.json`` from ``megatron-qk diagnose --all-checkpoints``). Runs
 may stop early (``training.exit_after_steps``): every table uses only the steps both arms of a
 pair reached. Spreads are the sample standard deviation over seeds (n - 1); the paired loss
@@ -36,17 +37,19 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def _load_pair(pair: Path) -> dict:
+def _load_pair(pair: Path, control: Path, intervention: Path) -> dict:
     out = {}
-    for arm in ARMS:
-        recs = _records(pair / arm)
+    for arm, run_dir in zip(ARMS, (control, intervention), strict=True):
+        if not (run_dir / "metrics.jsonl").exists():
+            raise SystemExit(f"mini_study_tables: {run_dir} has no metrics.jsonl")
+        recs = _records(run_dir)
         diag = {r["step"]: r for r in recs if r["kind"] == "diag"}
         for r in diag.values():
             base = r.get("lower_copy_uniform")
             r["copy_ratio"] = r["lower_copy"] / base if base else math.nan
         evals = {r["step"]: r for r in recs if r["kind"] == "eval"}
         releases = [r for r in recs if r["kind"] == "release"]
-        path = pair / arm / "diagnose.json"
+        path = run_dir / "diagnose.json"
         ablation = {}
         if path.exists():
             for r in json.loads(path.read_text(encoding="utf-8"))["results"]:
@@ -145,11 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pairs = {}
     for pair in args.pairs:
-        missing = [a for a in ARMS if not (pair / a / "metrics.jsonl").exists()]
-        if missing:
-            print(f"mini_study_tables: {pair} has no {missing} run", file=sys.stderr)
-            return 2
-        pairs[pair.name] = _load_pair(pair)
+        if (pair / "control").is_dir():
+            pairs[pair.name] = _load_pair(pair, pair / "control", pair / "intervention")
+            continue
+        # run_table.sh layout: control-sN and intervention-sN side by side.
+        for control in sorted(pair.glob("control-s*")):
+            seed = control.name.removeprefix("control-")
+            pairs[seed] = _load_pair(pair, control, pair / f"intervention-{seed}")
+    if not pairs:
+        print(f"mini_study_tables: no control/intervention runs in {args.pairs}", file=sys.stderr)
+        return 2
     print("\n".join(tables(pairs, args.ratio)))
     return 0
 
