@@ -53,3 +53,23 @@ def test_paired_differences_and_spreads_over_seeds(tmp_path, capsys):
     assert "| 4 (0.04) | copy_ratio | 1.5000 ± 0.0000 | 1.5000 ± 0.0000 |" in out
     assert "| 4 (0.04) | 0.5000 ± 0.0000 | 0.1000 ± 0.0000 | 1.0000 ± 0.0000 |" in out
     assert _tool().main([str(tmp_path / "nothing")]) == 2
+
+
+def test_uniform_copy_baseline_per_window_length():
+    spec = importlib.util.spec_from_file_location(
+        "uniform_copy_baseline", TOOL.parent / "uniform_copy_baseline.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import numpy as np
+    import pytest
+
+    tokens = np.array([5, 7, 5, 5, 9, 7, 1], dtype=np.uint16)
+    out = module.baselines(tokens, [3, 6], threshold=0.005)
+    # Windows of 3: [5 7 5] -> i=2 (1/3); [5 9 7] -> none. Window of 6: i=2, 3, 5.
+    assert (out[3]["sequences"], out[3]["positions"]) == (2, 1)
+    assert out[3]["uniform"] == pytest.approx(1 / 3)
+    assert out[6]["uniform"] == pytest.approx((1 / 3 + 1 / 4 + 1 / 6) / 3)
+    assert out[6]["threshold_over_uniform"] == pytest.approx(0.005 / out[6]["uniform"])
+    with pytest.raises(ValueError, match="fewer than one window"):
+        module.baselines(tokens, [8], threshold=0.005)
