@@ -129,7 +129,7 @@ def signature_lines(run_dirs: dict[str, Path], summaries: dict[str, dict], rule)
             (
                 "zeroing upper Q/K early costs the control more",
                 cq > iq,
-                f"+{cq:.3f} vs +{iq:.3f} ppl at the step-{ca['step']} / step-{ia['step']} "
+                f"{cq:+.3f} vs {iq:+.3f} ppl at the step-{ca['step']} / step-{ia['step']} "
                 "checkpoints (control vs intervention)",
             )
         )
@@ -151,8 +151,7 @@ def signature_lines(run_dirs: dict[str, Path], summaries: dict[str, dict], rule)
         "## Summary: which of the paper's signatures appeared in this run",
         "",
         f"{shown} of {len(bullets)} signatures appeared, each read as a direction on one seed "
-        "(no error bar; see docs/MINI_STUDY.md for seeds, and the ablation table below for its "
-        "sampling noise):",
+        "with no error bar, so a tiny difference counts (docs/MINI_STUDY.md repeats seeds):",
         "",
     ]
     lines += [f"- **{_verdict(ok)}**: {name}: {text}." for name, ok, text in bullets]

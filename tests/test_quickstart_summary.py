@@ -70,7 +70,7 @@ def test_signatures_appear_and_fail_by_the_numbers(tmp_path):
     assert "reason `maturity`" in text
     assert "at step 4; lower_copy / lower_copy_uniform >= 1.3 at step 10" in text
     assert "upper entropy 0.8000 vs 0.9000" in text  # nearest 3%: step 3
-    assert "+5.000 vs +0.500 ppl" in text
+    assert "+5.000 vs +0.500 ppl" in text  # signed: a negative cost reads -0.095
     assert "**did not appear**: lower final validation loss" in text and "+0.1000" in text
     # A forced release is not a maturity event, and a release already mature at step 0 neither.
     summaries["intervention"]["release"]["upper_qk"] = dict(release, reason="forced")
