@@ -7,7 +7,8 @@ Stages (each one is skipped when its output exists, so a rerun resumes where it 
    slice streamed from the Hugging Face hub (needs network).
 2. **preprocess**: the real tokenizer pipeline writes Megatron indexed datasets (train + valid).
 3. **train**: the ``quickstart`` preset's control arm and the paper's intervention arm
-   (upper-half W_Q/W_K at lr x0.25, lower-copy maturity release), each with 2 processes
+   (upper-half W_Q/W_K at lr x0.25, lower-copy maturity release relative to the
+   uniform-attention baseline), each with 2 processes
    (torchrun, DP=2); interrupted runs resume from their last checkpoint.
 4. **diagnose**: probes, upper Q/K ablation and locality on every checkpoint of both runs.
 5. **report**: ``DIR/report.md`` with the paired comparison, the release point, the replayed
@@ -24,10 +25,14 @@ import sys
 from pathlib import Path
 
 ARMS = ("control", "intervention")
+# The paper's rule with its threshold stated relative to the uniform-attention baseline: at
+# sequence length 128 uniform attention already scores ~0.022 (four times the paper's absolute
+# 0.005, calibrated at 1024), so the absolute threshold would be met at step 0. 1.3 is the
+# paper's 0.005 over the baseline at 1024 measured on this corpus (docs/MINI_STUDY.md).
 INTERVENTION = (
     "optim.rules=[{name: upper_qk, layers: upper_half, roles: [q, k], multiplier: 0.25, "
-    "release: maturity, threshold: 0.005, patience: 3, min_frac: 0.03, max_frac: 0.12, "
-    "ramp_frac: 0.01}]"
+    "release: maturity, threshold_mode: over_uniform, threshold_ratio: 1.3, patience: 3, "
+    "min_frac: 0.03, max_frac: 0.12, ramp_frac: 0.01}]"
 )
 STAGES = ("corpus", "preprocess", "train control", "train intervention", "diagnose", "report")
 

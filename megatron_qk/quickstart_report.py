@@ -80,6 +80,7 @@ def write_report(out: Path, run_dirs: dict[str, Path], corpus: dict, data_summar
     from megatron_qk.analysis.plot import PANELS, plot_runs
     from megatron_qk.analysis.replay import replay_run
     from megatron_qk.config.loader import load_resolved_config
+    from megatron_qk.quickstart_summary import signature_lines
 
     comparison = load_and_compare([str(p) for p in run_dirs.values()])
     (out / "compare.json").write_text(json.dumps(comparison, indent=1) + "\n", encoding="utf-8")
@@ -93,8 +94,16 @@ def write_report(out: Path, run_dirs: dict[str, Path], corpus: dict, data_summar
     rule = cfg.optim.rules[0]
     release = summaries["intervention"]["release"].get(rule.name)
     replay = replay_run(run_dirs["intervention"] / "metrics.jsonl", rule=rule.name)
+    if rule.threshold_mode == "over_uniform":
+        threshold = f"lower_copy / lower_copy_uniform >= {rule.threshold_ratio}"
+    else:
+        threshold = f"threshold {rule.threshold}"
     lines = [
         "# megatron-qk quickstart report",
+        "",
+        *signature_lines(run_dirs, summaries, rule),
+        "",
+        "## Setting",
         "",
         f"Corpus: {corpus.get('source')}; {data_summary.get('documents', '?'):,} documents, "
         f"{data_summary.get('tokens', 0):,} GPT-2 tokens (train + valid via `megatron-qk "
@@ -105,7 +114,7 @@ def write_report(out: Path, run_dirs: dict[str, Path], corpus: dict, data_summar
         f"sequences per arm, data-parallel over {_world_size(run_dirs['intervention'])} "
         "processes.",
         f"Intervention: `{rule.name}`: upper-half {'/'.join(rule.roles)} at lr x{rule.multiplier},"
-        f" {rule.release} release (threshold {rule.threshold}, patience {rule.patience}, window "
+        f" {rule.release} release ({threshold}, patience {rule.patience}, window "
         f"[{rule.min_frac}, {rule.max_frac}]), ramp {rule.ramp_frac}.",
         "",
         "## Paired comparison (`megatron-qk compare`)",
@@ -115,12 +124,15 @@ def write_report(out: Path, run_dirs: dict[str, Path], corpus: dict, data_summar
         "## Release (`release` lines; `megatron-qk replay-release`)",
         "",
     ]
+    score = release and release.get("score")
+    score = "n/a" if score is None else f"{score:.4f}"
     if release is None:
         lines.append("The intervention run logged no release.")
     else:
         lines.append(
             f"`{rule.name}` released at step {release['step']} (frac {release['frac']:.3f}, "
-            f"reason: {release['reason']}). Replaying the rule on the logged lower-copy scores "
+            f"reason: {release['reason']}, last maturity score {score}, threshold "
+            f"{release.get('threshold')}). Replaying the rule on the logged lower-copy scores "
             f"gives step {(replay['replayed'] or {}).get('step')}: "
             f"{'agrees' if replay['agrees'] else 'DISAGREES'} with the run."
         )

@@ -125,6 +125,8 @@ def test_settings_come_from_the_run_config_and_agree_with_its_release(tmp_path, 
         "patience": 2,
         "min_frac": 0.1,
         "max_frac": 0.5,
+        "threshold_mode": "absolute",
+        "threshold_ratio": None,
     }
     assert result["planned_steps"] == 40 and result["replayed_through_step"] == 40
     assert result["replayed"] == {
@@ -132,6 +134,9 @@ def test_settings_come_from_the_run_config_and_agree_with_its_release(tmp_path, 
         "reason": "maturity",
         "step": 10,
         "frac": 0.25,
+        "score": HIGH,  # the score of the evaluation that completed the patience
+        "threshold": 0.01,
+        "threshold_mode": "absolute",
     }
     assert result["agrees"] is True
     assert main(["replay-release", str(path)]) == 0
@@ -157,7 +162,14 @@ def test_without_config_paper_defaults_and_planned_steps_from_frac(tmp_path, cap
     path = write_run(tmp_path / "bare", scores(100, 1, high_from=None), 100)
     result = replay_run(path)
     assert result["planned_steps"] == 100 and result["settings_from"] == "the paper's defaults"
-    assert result["settings"] == dict(threshold=0.005, patience=3, min_frac=0.03, max_frac=0.12)
+    assert result["settings"] == dict(
+        threshold=0.005,
+        patience=3,
+        min_frac=0.03,
+        max_frac=0.12,
+        threshold_mode="absolute",
+        threshold_ratio=None,
+    )
     assert (result["replayed"]["step"], result["replayed"]["reason"]) == (12, "forced")
     assert result["logged"] is None and result["agrees"] is None
     assert main(["replay-release", str(path), "--variants", "--json"]) == 0
@@ -203,11 +215,15 @@ def test_bad_inputs(tmp_path, capsys):
 # Three controllers in one 12-step run with an evaluation after every step: upper_qk matures
 # (the synthetic stream's lower-copy score is ~0.03 from the start, above 0.01) once patience 2
 # is met inside [0.25, 0.9]; lower_qk can never mature (threshold 1) and is forced at
-# ceil(0.5 * 12) = 6; the entropy floor matures at its first in-window evaluation.
+# ceil(0.5 * 12) = 6; the entropy floor matures at its first in-window evaluation; upper_o
+# compares lower_copy / lower_copy_uniform with 0.5 (attention that copies at half the rate of
+# uniform attention or better) and matures like upper_qk.
 REAL_RULES = (
     "optim.rules=[{name: upper_qk, threshold: 0.01, patience: 2, min_frac: 0.25, max_frac: 0.9,"
     " ramp_frac: 0.1}, {name: lower_qk, layers: lower_half, threshold: 1.0, patience: 1,"
-    " min_frac: 0.1, max_frac: 0.5, ramp_frac: 0.1}]"
+    " min_frac: 0.1, max_frac: 0.5, ramp_frac: 0.1}, {name: upper_o, roles: [o],"
+    " threshold_mode: over_uniform, threshold_ratio: 0.5, patience: 2, min_frac: 0.25,"
+    " max_frac: 0.9, ramp_frac: 0.1}]"
 )
 FLOOR = (
     "optim.entropy_floor={enabled: true, threshold: 0.02, patience: 1, min_frac: 0.3,"
@@ -239,7 +255,12 @@ def trained(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "rule, reason",
-    [("upper_qk", "maturity"), ("lower_qk", "forced"), ("entropy_floor", "maturity")],
+    [
+        ("upper_qk", "maturity"),
+        ("lower_qk", "forced"),
+        ("entropy_floor", "maturity"),
+        ("upper_o", "maturity"),
+    ],
 )
 def test_replay_agrees_with_the_training_run(trained, rule, reason):
     records = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
@@ -247,7 +268,11 @@ def test_replay_agrees_with_the_training_run(trained, rule, reason):
     assert len(logged) == 1 and logged[0]["reason"] == reason
     result = replay_run(trained / "metrics.jsonl", rule=rule)
     assert result["settings_from"] == "the run's config"
-    assert result["replayed"] == {k: logged[0][k] for k in ("rule", "reason", "step", "frac")}
+    keys = ("rule", "reason", "step", "frac")
+    assert {k: result["replayed"][k] for k in keys} == {k: logged[0][k] for k in keys}
+    if reason == "maturity":  # the release line records the score and threshold it fired on
+        for key in ("score", "threshold", "threshold_mode"):
+            assert result["replayed"][key] == logged[0][key]
     assert result["agrees"] is True
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["release"][rule]["step"] == result["replayed"]["step"]
@@ -272,3 +297,41 @@ def test_variants_aggregate_over_several_runs_like_table8(tmp_path, capsys):
     assert (
         "Table 8 over 2 runs" in text and "| Main rule | 0.005 | 3 | 3–12% | 8.00% ± 1.41 |" in text
     )
+
+
+def test_diag_lines_carry_the_uniform_baseline_and_the_compared_score(trained):
+    records = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    diags = [r for r in records if r["kind"] == "diag"]
+    assert len(diags) == 13  # steps 0 .. 12
+    for d in diags:
+        assert 0.0 < d["lower_copy_uniform"] < 1.0
+        assert d["maturity_score"] == d["lower_copy"]  # the first maturity rule is absolute
+    (line,) = [r for r in records if r["kind"] == "release" and r["rule"] == "upper_o"]
+    at = next(d for d in diags if d["step"] == line["step"])
+    assert line["threshold_mode"] == "over_uniform" and line["threshold"] == 0.5
+    assert line["score"] == at["lower_copy"] / at["lower_copy_uniform"]
+    summary = json.loads((trained / "summary.json").read_text())["release"]["upper_o"]
+    assert (summary["score"], summary["threshold"]) == (line["score"], 0.5)
+
+
+def test_over_uniform_replay_on_logged_baselines(tmp_path, capsys):
+    """Raw scores all above the paper's 0.005; only their ratio to the baseline matures."""
+    seq = [(s, 0.03 if s >= 6 else 0.02, 0.02) for s in range(0, 101, 2)]
+    ratio = ReleaseSettings(threshold_mode="over_uniform", threshold_ratio=1.3)
+    event = replay_release(seq, 100, ratio)
+    assert (event.step, event.reason, event.score) == (10, "maturity", 1.5)  # 6, 8, 10
+    assert replay_release(seq, 100, PAPER).step == 8  # absolute: 0.02 >= 0.005 at 4, 6, 8
+    path = tmp_path / "run"
+    path.mkdir()
+    lines = []
+    for step, copy, base in seq:
+        common = {"step": step, "tokens": step * 512, "frac": step / 100}
+        lines.append({"kind": "diag", "lower_copy": copy, "lower_copy_uniform": base, **common})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    # A ratio flag implies the over_uniform mode.
+    assert main(["replay-release", str(path), "--threshold-ratio", "1.3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["replayed"]["step"] == 10 and result["first_crossing"]["step"] == 6
+    assert result["settings"]["threshold_mode"] == "over_uniform"
+    assert main(["replay-release", str(path), "--threshold-mode", "over_uniform"]) == 2
+    assert "threshold_ratio" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from megatron_qk.diagnostics.probes import (
     layer_statistics,
     normalized_entropy_sum,
     previous_occurrence,
+    uniform_copy_sum,
 )
 
 
@@ -38,6 +39,26 @@ def test_uniform_attention_statistics():
     # Uniform rows: entropy log(n) / log(n) from fp32 exp/log of <= 6 terms, a few ulps (6e-8 each).
     assert ent_count == (s - 1) * heads and ent_sum / ent_count == pytest.approx(1.0, abs=1e-6)
     assert stats[2, 0].item() == 0.0 and stats[2, 1].item() == heads * s * (s + 1) / 2
+
+
+def test_uniform_copy_baseline_by_hand():
+    """Positions with a previous occurrence (0-based i) get 1/(i+1) under uniform attention."""
+    tokens = torch.tensor([[5, 7, 5, 5, 9, 7], [1, 1, 2, 3, 4, 2]])
+    total, count = uniform_copy_sum(tokens)
+    # Row 0: positions 2, 3, 5 repeat -> 1/3 + 1/4 + 1/6. Row 1: positions 1, 5 -> 1/2 + 1/6.
+    assert count == 5
+    assert total == pytest.approx((1 / 3 + 1 / 4 + 1 / 6) + (1 / 2 + 1 / 6), rel=1e-15)
+    assert uniform_copy_sum(torch.tensor([[1, 2, 3]])) == (0.0, 0)  # no repeats: nothing counted
+    # It is the copy score of attention that really is uniform (q = 0), head by head.
+    s, heads = tokens.shape[1], 3
+    query = torch.zeros(s, tokens.shape[0], heads, 4)
+    key = torch.randn(s, tokens.shape[0], heads, 4)
+    per_head = layer_statistics(query, key, tokens, scale=0.5)
+    for h in range(heads):
+        copy_sum, copy_count = per_head[h, 0].tolist()
+        assert copy_count == count
+        # fp32 softmax of equal logits: each probability within a few ulp of 1/(i+1).
+        assert copy_sum == pytest.approx(total, rel=8 * torch.finfo(torch.float32).eps)
 
 
 def test_sharp_copy_attention_and_gqa():

@@ -134,6 +134,52 @@ def test_zero_ramp_releases_at_once():
     assert ctl.factor(119) == 0.25 and ctl.factor(120) == 1.0
 
 
+def test_over_uniform_rule_compares_the_ratio_to_the_baseline():
+    """Relative threshold on a synthetic score sequence: the ratio decides, not the raw score."""
+    ctl = _paper_rule(threshold_mode="over_uniform", threshold_ratio=1.3)
+    assert ctl.compared_threshold == 1.3
+    uniform = 0.02  # e.g. seq 128: four times the paper's absolute 0.005
+    # The raw score is above 0.005 from the start, but its ratio only reaches 1.3 at step 60.
+    events = []
+    for step in range(1, PLANNED + 1):
+        frac = step / PLANNED
+        ev = ctl.on_step(step, frac)
+        if step % 5 == 0 and ev is None:
+            ratio = 1.0 if step < 60 else 1.5
+            ev = ctl.observe(step, frac, uniform * ratio, uniform)
+        if ev:
+            events.append(ev)
+    assert [(e.step, e.reason) for e in events] == [(70, "maturity")]  # 60, 65, 70
+    assert events[0].threshold == 1.3 and events[0].threshold_mode == "over_uniform"
+    assert events[0].score == pytest.approx(1.5, rel=1e-15)
+    # The paper's absolute rule on the same scores releases at the first in-window patience.
+    absolute = _paper_rule()
+    first = _run(absolute, lambda step: uniform, eval_every=5)
+    assert (first[0].step, first[0].reason, first[0].score) == (40, "maturity", uniform)
+    # Without the baseline (or with a zero one) the ratio is undefined: never counts.
+    assert math.isnan(ctl.maturity_score(0.01))
+    assert math.isnan(ctl.maturity_score(0.01, 0.0))
+    nobase = _paper_rule(threshold_mode="over_uniform", threshold_ratio=1.3)
+    assert [e.reason for e in _run(nobase, lambda step: 1.0)] == ["forced"]
+
+
+def test_threshold_mode_is_validated():
+    with pytest.raises(ValueError, match="threshold_ratio"):
+        _paper_rule(threshold_mode="over_uniform")
+    with pytest.raises(ValueError, match="threshold_mode"):
+        _paper_rule(threshold_mode="relative")
+    from megatron_qk.config.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="threshold_ratio"):
+        MultiplierRuleConfig(threshold_mode="over_uniform")
+    with pytest.raises(ConfigError, match="threshold_ratio"):
+        MultiplierRuleConfig(threshold_ratio=1.3)  # a ratio with the absolute mode
+    with pytest.raises(ConfigError, match="threshold_ratio"):
+        EntropyFloorConfig(threshold_mode="over_uniform", threshold_ratio=0.0)
+    rule = MultiplierRuleConfig(threshold_mode="over_uniform", threshold_ratio=1.3)
+    assert ReleaseController.from_rule(rule, 100).compared_threshold == 1.3
+
+
 def test_fixed_release_ignores_scores():
     ctl = _paper_rule(release="fixed", release_frac=0.06)
     events = _run(ctl, lambda s: 1.0)

@@ -53,7 +53,18 @@ def test_quickstart_writes_the_report(quickstart_out):
     release = json.loads((runs["intervention"] / "summary.json").read_text())["release"]
     # 12 steps, evaluations every 5: no evaluation inside [3%, 12%], so forced at step 2 (17%).
     assert release["upper_qk"]["reason"] == "forced" and release["upper_qk"]["step"] == 2
+    assert release["upper_qk"]["threshold_mode"] == "over_uniform"
+    assert release["upper_qk"]["threshold"] == 1.3
+    # The relative threshold is not met at initialisation (near-uniform attention scores ~1),
+    # unlike the absolute 0.005 at sequence length 128 (uniform attention alone gives ~0.02).
+    metrics = runs["intervention"] / "metrics.jsonl"
+    diags = [json.loads(x) for x in metrics.read_text().splitlines() if '"diag"' in x]
+    first = diags[0]
+    assert first["step"] == 0 and first["lower_copy_uniform"] > 0.005
+    assert first["maturity_score"] == first["lower_copy"] / first["lower_copy_uniform"] < 1.3
     report = (out / "report.md").read_text()
+    assert report.startswith("# megatron-qk quickstart report\n\n## Summary: which of the paper")
+    assert "**did not appear**: a real maturity release" in report  # forced, and said so
     for heading in (
         "## Paired comparison",
         "## Release",
@@ -63,7 +74,7 @@ def test_quickstart_writes_the_report(quickstart_out):
     ):
         assert heading in report, heading
     assert "| control |" in report and "| intervention |" in report
-    assert "released at step 2 (frac 0.167, reason: forced)" in report
+    assert "released at step 2 (frac 0.167, reason: forced, last maturity score" in report
     assert "agrees with the run" in report
     compare = json.loads((out / "compare.json").read_text())
     assert set(compare["arms"]) == {"control", "intervention"}

@@ -191,6 +191,8 @@ def test_two_process_layouts_match_single_process(tmp_path, single_process_ref, 
         "eval": ("val_loss",),
         "diag": (
             "lower_copy",
+            "lower_copy_uniform",  # counted once per sequence in every layout
+            "maturity_score",
             "upper_entropy",
             "upper_logit",
             "logit_ratio",

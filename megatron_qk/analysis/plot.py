@@ -80,6 +80,11 @@ def load_run(path: Path) -> RunCurves:
     diagnose = path / "diagnose.json"
     if diagnose.exists():
         run.ablation = json.loads(diagnose.read_text(encoding="utf-8")).get("results", [])
+    if maturity and maturity[0].threshold_mode == "over_uniform":
+        # The rule compares lower_copy / lower_copy_uniform with the ratio; on the lower-copy
+        # axis that is the ratio times the baseline (fixed held-out positions: one value).
+        bases = [r["lower_copy_uniform"] for r in run.diag if r.get("lower_copy_uniform")]
+        run.maturity_threshold = maturity[0].threshold_ratio * bases[0] if bases else None
     return run
 
 

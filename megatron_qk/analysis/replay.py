@@ -6,8 +6,12 @@ The replay drives the trainer's own state machine,
 1. ``on_step(0, 0.0)`` (the scheduler's constructor calls ``step(0)``);
 2. ``observe`` of the step-0 evaluation, when one was logged;
 3. for every step ``s = 1 .. end``: ``on_step(s, s / planned)`` (``scheduler.step`` after each
-   optimizer step), then ``observe(s, s / planned, lower_copy)`` when an evaluation (a ``diag``
-   line) was logged after step ``s``.
+   optimizer step), then ``observe(s, s / planned, lower_copy, lower_copy_uniform)`` when an
+   evaluation (a ``diag`` line) was logged after step ``s``.
+
+Both threshold modes replay: ``absolute`` compares ``lower_copy`` with the threshold,
+``over_uniform`` compares ``lower_copy / lower_copy_uniform`` (both logged on every ``diag``
+line) with the ratio.
 
 ``end`` is the last step the metrics file reaches (capped at the planned steps): for a finished
 run every step ``1 .. planned_steps``; for an unfinished one the replay stops where the log does
@@ -26,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from megatron_qk.analysis.replay_format import format_aggregate, format_report
 from megatron_qk.optim.release import ENTROPY_FLOOR_NAME, ReleaseController, ReleaseEvent
 from megatron_qk.training.sinks import read_metrics
 
@@ -35,12 +40,19 @@ DEFAULT_RULE = "upper_qk"
 # so that they stay "nearby" for any main rule; for the paper's rule (0.005 / 3 / 3-12%) they
 # are exactly Table 8's rows: threshold 0.003 and 0.007, patience 1 and 5, window 3-8%.
 TABLE8_VARIANTS = (
-    ("Lower threshold", lambda s: {"threshold": round(s.threshold * 0.6, 12)}),
-    ("Higher threshold", lambda s: {"threshold": round(s.threshold * 1.4, 12)}),
+    ("Lower threshold", lambda s: _scaled_threshold(s, 0.6)),
+    ("Higher threshold", lambda s: _scaled_threshold(s, 1.4)),
     ("No patience", lambda s: {"patience": 1}),
     ("Stricter patience", lambda s: {"patience": s.patience + 2}),
     ("Shorter forced window", lambda s: {"max_frac": round(s.max_frac * 2 / 3, 12)}),
 )
+
+
+def _scaled_threshold(s: ReleaseSettings, factor: float) -> dict:
+    """The compared threshold times ``factor`` (the ratio in ``over_uniform`` mode)."""
+    if s.threshold_mode == "over_uniform":
+        return {"threshold_ratio": round(s.threshold_ratio * factor, 12)}
+    return {"threshold": round(s.threshold * factor, 12)}
 
 
 class ReplayError(ValueError):
@@ -55,6 +67,13 @@ class ReleaseSettings:
     patience: int = PAPER_DEFAULTS["patience"]
     min_frac: float = PAPER_DEFAULTS["min_frac"]
     max_frac: float = PAPER_DEFAULTS["max_frac"]
+    threshold_mode: str = "absolute"
+    threshold_ratio: float | None = None
+
+    @property
+    def compared_threshold(self) -> float:
+        """What the maturity score is compared with (the threshold or the ratio)."""
+        return self.threshold_ratio if self.threshold_mode == "over_uniform" else self.threshold
 
 
 @dataclass
@@ -62,7 +81,8 @@ class RunLog:
     """What the replay reads from a metrics file (and the run's config next to it).
 
     Attributes:
-        scores: ``(step, lower_copy)`` of every ``diag`` line, in file order (NaN for null).
+        scores: ``(step, lower_copy, lower_copy_uniform)`` of every ``diag`` line, in file
+            order (NaN for null or, in logs written before the baseline existed, absent).
         releases: the logged ``release`` lines by rule name.
         last_step: the largest step of any line.
         planned_steps: planned optimizer steps.
@@ -72,7 +92,7 @@ class RunLog:
         config_path: the config.yaml used, or None.
     """
 
-    scores: list[tuple[int, float]]
+    scores: list[tuple[int, float, float]]
     releases: dict[str, dict]
     last_step: int
     planned_steps: int
@@ -84,8 +104,23 @@ class RunLog:
 # ------------------------------------------------------------------------------------------
 # The replay (pure)
 # ------------------------------------------------------------------------------------------
+def _controller(name: str, planned_steps: int, settings: ReleaseSettings) -> ReleaseController:
+    return ReleaseController(
+        name=name,
+        policy="maturity",
+        planned_steps=planned_steps,
+        hold_value=1.0,
+        threshold=settings.threshold,
+        patience=settings.patience,
+        min_frac=settings.min_frac,
+        max_frac=settings.max_frac,
+        threshold_mode=settings.threshold_mode,
+        threshold_ratio=settings.threshold_ratio,
+    )
+
+
 def replay_release(
-    scores: Sequence[tuple[int, float]],
+    scores: Sequence[tuple[int, float] | tuple[int, float, float]],
     planned_steps: int,
     settings: ReleaseSettings,
     end_step: int | None = None,
@@ -94,7 +129,8 @@ def replay_release(
     """Replay the maturity rule over steps ``0 .. end_step`` in the trainer's order.
 
     Args:
-        scores: ``(step, lower_copy)`` of the evaluations (NaN: no valid position).
+        scores: ``(step, lower_copy)`` or ``(step, lower_copy, lower_copy_uniform)`` of the
+            evaluations (NaN: no valid position; ``over_uniform`` needs the baseline).
         planned_steps: the run's planned optimizer steps (fractions are ``step / planned``).
         settings: threshold, patience and window.
         end_step: last completed step to replay (default ``planned_steps``).
@@ -105,37 +141,40 @@ def replay_release(
         ``end_step``.
     """
     end = planned_steps if end_step is None else min(int(end_step), planned_steps)
-    ctl = ReleaseController(
-        name=name,
-        policy="maturity",
-        planned_steps=planned_steps,
-        hold_value=1.0,
-        threshold=settings.threshold,
-        patience=settings.patience,
-        min_frac=settings.min_frac,
-        max_frac=settings.max_frac,
-    )
-    at_step: dict[int, list[float]] = {}
-    for step, score in scores:
-        at_step.setdefault(int(step), []).append(float(score))
+    ctl = _controller(name, planned_steps, settings)
+    at_step: dict[int, list[tuple[float, float]]] = {}
+    for step, copy, *uniform in scores:
+        base = float(uniform[0]) if uniform else math.nan
+        at_step.setdefault(int(step), []).append((float(copy), base))
     for step in range(0, end + 1):
         frac = step / planned_steps
         event = ctl.on_step(step, frac)
         if event is not None:
             return event
-        for score in at_step.get(step, ()):
-            event = ctl.observe(step, frac, score)
+        for copy, base in at_step.get(step, ()):
+            event = ctl.observe(step, frac, copy, base)
             if event is not None:
                 return event
     return None
 
 
 def first_crossing(
-    scores: Sequence[tuple[int, float]], threshold: float
+    scores: Sequence[tuple[int, float] | tuple[int, float, float]],
+    threshold: float | ReleaseSettings,
 ) -> tuple[int, float] | None:
-    """First ``(step, score)`` with ``score >= threshold`` (the paper's maturity *event*)."""
-    for step, score in scores:
-        if not math.isnan(score) and score >= threshold:
+    """First ``(step, maturity score)`` at or above the threshold (the paper's maturity *event*).
+
+    Args:
+        scores: as for :func:`replay_release`.
+        threshold: an absolute lower-copy threshold, or the settings (whose mode decides the
+            score: ``over_uniform`` divides by the logged uniform baseline).
+    """
+    if not isinstance(threshold, ReleaseSettings):
+        threshold = ReleaseSettings(threshold=float(threshold))
+    ctl = _controller(DEFAULT_RULE, 1, threshold)
+    for step, copy, *uniform in scores:
+        score = ctl.maturity_score(copy, uniform[0] if uniform else math.nan)
+        if not math.isnan(score) and score >= ctl.compared_threshold:
             return int(step), float(score)
     return None
 
@@ -166,13 +205,23 @@ def _config_rules(config_path: Path) -> tuple[int, dict[str, ReleaseSettings], s
     for rule in cfg.optim.rules:
         if rule.release == "maturity":
             rules[rule.name] = ReleaseSettings(
-                rule.threshold, rule.patience, rule.min_frac, rule.max_frac
+                rule.threshold,
+                rule.patience,
+                rule.min_frac,
+                rule.max_frac,
+                rule.threshold_mode,
+                rule.threshold_ratio,
             )
             default = default or rule.name
     floor = cfg.optim.entropy_floor
     if floor.enabled:
         rules[ENTROPY_FLOOR_NAME] = ReleaseSettings(
-            floor.threshold, floor.patience, floor.min_frac, floor.max_frac
+            floor.threshold,
+            floor.patience,
+            floor.min_frac,
+            floor.max_frac,
+            floor.threshold_mode,
+            floor.threshold_ratio,
         )
         default = default or ENTROPY_FLOOR_NAME
     return cfg.planned_steps(), rules, default
@@ -199,8 +248,14 @@ def read_run_log(path: str | Path) -> RunLog:
         if rec.get("kind") == "diag":
             if "lower_copy" not in rec:
                 raise ReplayError(f"{path}: diag line at step {rec.get('step')} has no lower_copy")
-            value = rec["lower_copy"]
-            scores.append((int(rec["step"]), math.nan if value is None else float(value)))
+            value, base = rec["lower_copy"], rec.get("lower_copy_uniform")
+            scores.append(
+                (
+                    int(rec["step"]),
+                    math.nan if value is None else float(value),
+                    math.nan if base is None else float(base),
+                )
+            )
     if not scores:
         raise ReplayError(f"{path}: no diag lines with lower_copy scores to replay")
     releases = {r["rule"]: r for r in records if r.get("kind") == "release"}
@@ -251,7 +306,10 @@ def resolve_settings(
     name = rule or log.default_rule or DEFAULT_RULE
     run_settings = log.rule_settings.get(name)
     base = run_settings or ReleaseSettings()
-    settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "threshold_ratio" in overrides:  # a ratio only means something over the baseline
+        overrides.setdefault("threshold_mode", "over_uniform")
+    settings = replace(base, **overrides)
     return name, settings, run_settings is not None and settings == run_settings
 
 
@@ -305,7 +363,7 @@ def replay_run(
     )
     if cut_before_release:
         agrees = None
-    crossing = first_crossing(log.scores, settings.threshold)
+    crossing = first_crossing(log.scores, settings)
     out = {
         "metrics": str(path),
         "rule": name,
@@ -340,60 +398,8 @@ def replay_run(
 
 
 # ------------------------------------------------------------------------------------------
-# Formatting and CLI
+# CLI (the text report is in replay_format.py)
 # ------------------------------------------------------------------------------------------
-def _release_text(event: dict | None, end: int, planned: int) -> str:
-    if event is None:
-        return f"no release through step {end} of {planned}"
-    return f"step {event['step']} ({100 * event['frac']:.2f}%, {event['reason']})"
-
-
-def format_report(result: dict) -> str:
-    """Human-readable replay report (Table 8 style)."""
-    s, end, planned = result["settings"], result["replayed_through_step"], result["planned_steps"]
-    lines = [
-        f"rule {result['rule']}: threshold {s['threshold']}, patience {s['patience']}, window "
-        f"{100 * s['min_frac']:g}-{100 * s['max_frac']:g}% (settings from "
-        f"{result['settings_from']}), {planned} planned steps, replayed through step {end}",
-        f"replayed release: {_release_text(result['replayed'], end, planned)}",
-    ]
-    crossing = result["first_crossing"]
-    if crossing is not None:
-        lines.append(
-            f"first threshold crossing: step {crossing['step']} ({100 * crossing['frac']:.2f}%)"
-        )
-    if result["logged"] is not None:
-        lines.append(f"logged release:   {_release_text(result['logged'], end, planned)}")
-    if result["agrees"] is not None:
-        lines.append(f"agrees with the run's own release: {'yes' if result['agrees'] else 'NO'}")
-    elif result["logged"] is not None:
-        lines.append("(settings differ from the run's, so the releases need not agree)")
-    elif result.get("log_ends_at_release"):
-        lines.append(
-            "(the log ends at the replayed release step, before the run's own release line "
-            "could be written: no comparison possible)"
-        )
-    if result["variants"]:
-        lines += [
-            "",
-            "| Rule | Threshold | Patience | Release window | Release checkpoint |",
-            "|---|---:|---:|---|---:|",
-        ]
-        for row in result["variants"]:
-            vs, ev = row["settings"], row["replayed"]
-            if row["invalid"] is not None:
-                point = "invalid: " + row["invalid"]
-            elif ev is None:
-                point = "no release"
-            else:
-                point = f"{100 * ev['frac']:.2f}% (step {ev['step']}, {ev['reason']})"
-            lines.append(
-                f"| {row['label']} | {vs['threshold']:g} | {vs['patience']} | "
-                f"{100 * vs['min_frac']:g}–{100 * vs['max_frac']:g}% | {point} |"
-            )
-    return "\n".join(lines)
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the replay-release options."""
     parser.add_argument(
@@ -403,7 +409,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="a run's metrics.jsonl (or dir); several runs (e.g. seeds) are replayed one by one "
         "and --variants aggregates them like Table 8",
     )
-    parser.add_argument("--threshold", type=float, help="lower-copy threshold")
+    parser.add_argument("--threshold", type=float, help="lower-copy threshold (absolute mode)")
+    parser.add_argument(
+        "--threshold-mode",
+        choices=("absolute", "over_uniform"),
+        help="absolute: lower_copy >= threshold; over_uniform: lower_copy / lower_copy_uniform "
+        ">= threshold-ratio",
+    )
+    parser.add_argument("--threshold-ratio", type=float, help="ratio of over_uniform mode")
     parser.add_argument("--patience", type=int, help="consecutive in-window evaluations")
     parser.add_argument("--min-frac", type=float, help="evaluations before this do not count")
     parser.add_argument("--max-frac", type=float, help="forced release at this fraction")
@@ -424,6 +437,8 @@ def run(args: argparse.Namespace) -> int:
     """Replay and print; exit 2 on invalid input, 1 when the replay disagrees with the run."""
     overrides = {
         "threshold": args.threshold,
+        "threshold_mode": args.threshold_mode,
+        "threshold_ratio": args.threshold_ratio,
         "patience": args.patience,
         "min_frac": args.min_frac,
         "max_frac": args.max_frac,
@@ -438,7 +453,7 @@ def run(args: argparse.Namespace) -> int:
         result = results[0]
         print(json.dumps(result, indent=2) if args.json else format_report(result))
         return 1 if disagrees else 0
-    from megatron_qk.analysis.replay_aggregate import aggregate_variants, format_aggregate
+    from megatron_qk.analysis.replay_aggregate import aggregate_variants
 
     table = aggregate_variants(results) if args.variants else []
     if args.json:

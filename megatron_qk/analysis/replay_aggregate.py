@@ -43,33 +43,3 @@ def aggregate_variants(results: list[dict]) -> list[dict]:
         row["sd_frac"] = statistics.stdev(fracs) if len(fracs) > 1 else None
         out.append(row)
     return out
-
-
-def format_aggregate(rows: list[dict], num_runs: int) -> str:
-    """Table 8 as markdown: mean (± sample sd) release checkpoint over the runs."""
-    lines = [
-        f"Table 8 over {num_runs} runs (release checkpoint: mean ± sample sd over the runs that "
-        "released; per-run values after it)",
-        "",
-        "| Rule | Threshold | Patience | Release window | Release checkpoint | per run |",
-        "|---|---:|---:|---|---:|---|",
-    ]
-    for row in rows:
-        s = row["settings"]
-        if row["mean_frac"] is None:
-            point = "no release"
-        else:
-            point = f"{100 * row['mean_frac']:.2f}%"
-            if row["sd_frac"] is not None:
-                point += f" ± {100 * row['sd_frac']:.2f}"
-        per_run = ", ".join(
-            "invalid"
-            if r["invalid"]
-            else ("none" if r["frac"] is None else f"{100 * r['frac']:.2f}%")
-            for r in row["per_run"]
-        )
-        lines.append(
-            f"| {row['label']} | {s['threshold']:g} | {s['patience']} | "
-            f"{100 * s['min_frac']:g}–{100 * s['max_frac']:g}% | {point} | {per_run} |"
-        )
-    return "\n".join(lines)

@@ -171,6 +171,12 @@ class MultiplierRuleConfig:
     # Also slow the biases of the selected linear layers (roles q k v o fc1 fc2). The paper
     # slows "W_Q and W_K", the weights, so the default leaves their biases at the full rate.
     biases: bool = False
+    # Maturity score: "absolute" compares the lower-copy score with ``threshold`` (the paper's,
+    # calibrated at sequence length 1024); "over_uniform" compares lower_copy / lower_copy_uniform
+    # (its value under uniform causal attention on the same positions) with ``threshold_ratio``,
+    # which means the same at any sequence length.
+    threshold_mode: Literal["absolute", "over_uniform"] = "absolute"
+    threshold_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
@@ -191,6 +197,18 @@ class MultiplierRuleConfig:
                 raise ConfigError("release_frac", "release: fixed needs release_frac in [0, 1]")
         elif self.release_frac is not None:
             raise ConfigError("release_frac", f"only used with release: fixed ({self.release})")
+        _check_threshold_mode(self.threshold_mode, self.threshold_ratio)
+
+
+def _check_threshold_mode(mode: str, ratio: float | None) -> None:
+    if mode not in ("absolute", "over_uniform"):
+        raise ConfigError("threshold_mode", f"must be absolute or over_uniform, got {mode!r}")
+    if mode == "over_uniform" and (ratio is None or not ratio > 0):
+        raise ConfigError(
+            "threshold_ratio", f"threshold_mode over_uniform needs a ratio > 0 ({ratio})"
+        )
+    if mode == "absolute" and ratio is not None:
+        raise ConfigError("threshold_ratio", "only used with threshold_mode: over_uniform")
 
 
 PARAM_ROLES = ("q", "k", "v", "o", "fc1", "fc2", "norm")
@@ -208,6 +226,12 @@ class EntropyFloorConfig:
     patience: int = 3
     min_frac: float = 0.03
     max_frac: float = 0.12
+    # As for the multiplier rules: absolute threshold, or a ratio over the uniform baseline.
+    threshold_mode: Literal["absolute", "over_uniform"] = "absolute"
+    threshold_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_threshold_mode(self.threshold_mode, self.threshold_ratio)
 
 
 @dataclass

@@ -158,3 +158,24 @@ def normalized_entropy_sum(
             _rows_entropy_sum, q_rows, key, scale, start, use_reentrant=False
         )
     return total, b * heads * (s - 1)
+
+
+def uniform_copy_sum(tokens: torch.Tensor) -> tuple[float, int]:
+    """Copy mass that *uniform* causal attention puts on the nearest previous occurrence.
+
+    The baseline of the copy mass on the same positions: a query at position ``i`` (0-based)
+    whose token occurred before sees keys ``0 .. i``, so uniform attention gives its nearest
+    previous occurrence ``1 / (i + 1)``. It depends only on the tokens, so every head and layer
+    shares it, and its mean over the counted positions is directly comparable with the copy
+    score: a ratio above 1 means attention prefers the previous occurrence over chance.
+
+    Args:
+        tokens: ``[b, s]`` integer tokens.
+
+    Returns:
+        ``(sum of 1 / (i + 1) over positions with a previous occurrence, their count)``.
+    """
+    prev = previous_occurrence(tokens)
+    valid = prev >= 0
+    weight = 1.0 / torch.arange(1, tokens.shape[1] + 1, device=tokens.device, dtype=torch.float64)
+    return float((weight[None, :] * valid).sum()), int(valid.sum())

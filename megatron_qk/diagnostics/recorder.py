@@ -33,7 +33,12 @@ from megatron_qk.diagnostics.bilinear import (
     qk_head_weights,
 )
 from megatron_qk.diagnostics.capture import bare_model, softmax_scale
-from megatron_qk.diagnostics.probes import STATS, layer_statistics, normalized_entropy_sum
+from megatron_qk.diagnostics.probes import (
+    STATS,
+    layer_statistics,
+    normalized_entropy_sum,
+    uniform_copy_sum,
+)
 
 # Per-(layer, head) weight statistics: top singular value, displacement, "has displacement" flag,
 # "present" flag.
@@ -86,6 +91,10 @@ class AttentionRecorder:
         self._count_weights = parallel_state.get_data_parallel_rank() == 0
         seq_parallel = any(a.config.sequence_parallel for a in self.attention.values())
         self._count_ffn = seq_parallel or parallel_state.get_tensor_model_parallel_rank() == 0
+        # The uniform-attention copy baseline depends only on the tokens: counted once per
+        # sequence by the tensor-parallel rank 0 that holds layer 1 (one pipeline stage).
+        self._count_uniform = parallel_state.get_tensor_model_parallel_rank() == 0
+        self._uniform: torch.Tensor | None = None
         self.tokens: torch.Tensor | None = None
         self.valid_rows: int | None = None
         self._stats: torch.Tensor | None = None
@@ -149,6 +158,7 @@ class AttentionRecorder:
         """Accumulate attention and FFN statistics over the forward passes run inside the block."""
         self._stats = None
         self._ffn = None
+        self._uniform = None
 
         def probe(core, query, key):
             if self.tokens is None:
@@ -158,6 +168,12 @@ class AttentionRecorder:
                 if rows == 0:
                     return
                 query, key, tokens = query[:, :rows], key[:, :rows], tokens[:rows]
+            if self.layers[core] == 1 and self._count_uniform:
+                total, count = uniform_copy_sum(tokens)
+                if self._uniform is None:
+                    self._uniform = torch.zeros(2, dtype=torch.float64, device=query.device)
+                self._uniform[0] += total
+                self._uniform[1] += count
             stats = layer_statistics(
                 query, key, tokens, softmax_scale(core, query.shape[-1]), self.chunk_size
             )
@@ -256,7 +272,9 @@ class AttentionRecorder:
         """Combine the accumulated statistics over every rank (collective) into a diag record.
 
         Returns:
-            Aggregates (``lower_copy``, ``upper_copy``, ``upper_entropy``, ``lower_entropy``,
+            Aggregates (``lower_copy``, ``lower_copy_uniform`` (the copy score of uniform
+            causal attention on the same positions), ``upper_copy``, ``upper_entropy``,
+            ``lower_entropy``,
             ``upper_logit``, ``lower_logit``, ``logit_ratio``, ``upper_ffn_write_rms``,
             ``first_upper_ffn_write_rms``, ``lower_ffn_write_rms``, ``upper_qk_sigma``,
             ``upper_qk_sigma_max``, ``upper_qk_displacement``) and ``layers: {layer_number:
@@ -271,18 +289,28 @@ class AttentionRecorder:
         if self._ffn is not None:
             ffn += self._ffn.to(device)
         weights = self._weight_statistics(device)
-        packed = torch.cat([attn.flatten(), ffn.flatten(), weights.flatten()])
+        uniform = torch.zeros(2, dtype=torch.float64, device=device)
+        if self._uniform is not None:
+            uniform += self._uniform.to(device)
+        packed = torch.cat([attn.flatten(), ffn.flatten(), weights.flatten(), uniform])
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(packed)
             dist.broadcast(packed, src=0)  # one bit pattern everywhere: same release decision
-        self._stats = self._ffn = None
+        self._stats = self._ffn = self._uniform = None
         packed = packed.cpu()
         n_attn, n_ffn = attn.numel(), ffn.numel()
         attn = packed[:n_attn].view(L, H, len(STATS), 2)
         ffn = packed[n_attn : n_attn + n_ffn].view(L, 2)
-        weights = packed[n_attn + n_ffn :].view(L, H, _WEIGHT_FIELDS)
-        return _build_record(attn, ffn, weights)
+        weights = packed[n_attn + n_ffn : -2].view(L, H, _WEIGHT_FIELDS)
+        record = _build_record(attn, ffn, weights)
+        # Same positions as lower_copy (every query with a previous occurrence of its token).
+        uniform_copy = _ratio(packed[-2].item(), packed[-1].item())
+        return {
+            "lower_copy": record.pop("lower_copy"),
+            "lower_copy_uniform": uniform_copy,
+            **record,
+        }
 
 
 def _ratio(total: float, count: float) -> float:

@@ -9,6 +9,12 @@ factor to apply at every optimizer step:
   happens at the evaluation that completes the patience. If nothing has fired by ``max_frac``,
   the release is forced at the first step with ``frac >= max_frac`` (checked at every step by
   :meth:`ReleaseController.on_step`, not only at evaluations).
+  With ``threshold_mode: over_uniform`` the compared score is ``lower_copy / lower_copy_uniform``
+  (the copy score over what uniform causal attention gives on the same positions) and the
+  threshold is ``threshold_ratio``: the absolute paper threshold (0.005 at sequence length 1024)
+  means something else at another sequence length, because the uniform baseline ~ 1/position
+  shrinks with context; the ratio transfers. ``absolute`` (the paper's) compares ``lower_copy``
+  with ``threshold``.
 * ``fixed``: released at the first step with ``frac >= release_frac``.
 * ``never``: the hold value for the whole run.
 
@@ -42,6 +48,7 @@ if TYPE_CHECKING:
     from megatron_qk.config.schema import EntropyFloorConfig, MultiplierRuleConfig
 
 Policy = Literal["maturity", "fixed", "never"]
+ThresholdMode = Literal["absolute", "over_uniform"]
 Reason = Literal["maturity", "forced", "fixed"]
 
 # Absolute tolerance on fraction comparisons: frac is step / planned_steps, and a caller that
@@ -60,9 +67,15 @@ class ReleaseEvent:
     reason: Reason
     step: int
     frac: float
+    # The maturity score of the last evaluation the rule counted (None: none yet, or not a
+    # maturity rule), the threshold it is compared with, and how it is formed.
+    score: float | None = None
+    threshold: float | None = None
+    threshold_mode: ThresholdMode = "absolute"
 
     def to_dict(self) -> dict:
-        """Plain dict with ``rule``, ``reason``, ``step``, ``frac``."""
+        """Plain dict with ``rule``, ``reason``, ``step``, ``frac``, ``score``, ``threshold``,
+        ``threshold_mode``."""
         return asdict(self)
 
 
@@ -75,12 +88,16 @@ class ReleaseController:
         planned_steps: planned optimizer steps of the run (fractions are relative to it).
         hold_value: factor before the release (the rule's multiplier).
         final_value: factor after the ramp (1.0 for multipliers, 0.0 for the entropy floor).
-        threshold: maturity threshold on the lower-copy score.
+        threshold: maturity threshold on the lower-copy score (``absolute`` mode).
         patience: consecutive in-window evaluations at or above the threshold.
         min_frac: evaluations before this fraction do not count.
         max_frac: forced release at the first step with ``frac >= max_frac``.
         release_frac: fixed release point (``fixed`` only).
         ramp_frac: ramp length as a fraction of ``planned_steps``.
+        threshold_mode: ``absolute`` (score = lower copy, compared with ``threshold``) or
+            ``over_uniform`` (score = lower copy / its uniform-attention baseline, compared with
+            ``threshold_ratio``).
+        threshold_ratio: the threshold of ``over_uniform`` mode.
 
     Raises:
         ValueError: on an inconsistent configuration.
@@ -99,7 +116,15 @@ class ReleaseController:
         max_frac: float = 0.12,
         release_frac: float | None = None,
         ramp_frac: float = DEFAULT_RAMP_FRAC,
+        threshold_mode: ThresholdMode = "absolute",
+        threshold_ratio: float | None = None,
     ):
+        if threshold_mode not in ("absolute", "over_uniform"):
+            raise ValueError(f"rule {name!r}: unknown threshold_mode {threshold_mode!r}")
+        if threshold_mode == "over_uniform" and (threshold_ratio is None or threshold_ratio <= 0):
+            raise ValueError(
+                f"rule {name!r}: threshold_mode over_uniform needs threshold_ratio > 0"
+            )
         if policy not in ("maturity", "fixed", "never"):
             raise ValueError(f"rule {name!r}: unknown release policy {policy!r}")
         if planned_steps < 1:
@@ -118,6 +143,8 @@ class ReleaseController:
         self.hold_value = float(hold_value)
         self.final_value = float(final_value)
         self.threshold = float(threshold)
+        self.threshold_mode: ThresholdMode = threshold_mode
+        self.threshold_ratio = None if threshold_ratio is None else float(threshold_ratio)
         self.patience = int(patience)
         self.min_frac = float(min_frac)
         self.max_frac = float(max_frac)
@@ -129,6 +156,7 @@ class ReleaseController:
         self.release_reason: Reason | None = None
         self.streak = 0
         self.last_observed_step: int | None = None
+        self.last_score: float | None = None
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -146,6 +174,8 @@ class ReleaseController:
             max_frac=rule.max_frac,
             release_frac=rule.release_frac,
             ramp_frac=rule.ramp_frac,
+            threshold_mode=rule.threshold_mode,
+            threshold_ratio=rule.threshold_ratio,
         )
 
     @classmethod
@@ -169,9 +199,31 @@ class ReleaseController:
             min_frac=cfg.min_frac,
             max_frac=cfg.max_frac,
             ramp_frac=ramp_frac,
+            threshold_mode=cfg.threshold_mode,
+            threshold_ratio=cfg.threshold_ratio,
         )
 
     # ---------------------------------------------------------------------------------------
+    @property
+    def compared_threshold(self) -> float:
+        """The threshold the maturity score is compared with (``threshold`` or the ratio)."""
+        if self.threshold_mode == "over_uniform":
+            return self.threshold_ratio
+        return self.threshold
+
+    def maturity_score(self, lower_copy: float, lower_copy_uniform: float = math.nan) -> float:
+        """The value compared with :attr:`compared_threshold` (NaN when undefined).
+
+        ``absolute``: ``lower_copy``. ``over_uniform``: ``lower_copy / lower_copy_uniform``.
+        """
+        score = float(lower_copy)
+        if self.threshold_mode == "absolute":
+            return score
+        base = float(lower_copy_uniform)
+        if math.isnan(score) or math.isnan(base) or base <= 0:
+            return math.nan
+        return score / base
+
     @property
     def released(self) -> bool:
         """Whether the release has happened."""
@@ -201,8 +253,13 @@ class ReleaseController:
             return self._release(step, frac, "fixed")
         return None
 
-    def observe(self, step: int, frac: float, lower_copy: float) -> ReleaseEvent | None:
+    def observe(
+        self, step: int, frac: float, lower_copy: float, lower_copy_uniform: float = math.nan
+    ) -> ReleaseEvent | None:
         """Feed the (globally reduced) lower-copy score of the evaluation after ``step``.
+
+        ``lower_copy_uniform`` (the uniform-attention baseline on the same positions) is needed
+        by ``over_uniform`` rules; without it their score is NaN and never counts.
 
         Only ``maturity`` rules react. Evaluations outside ``[min_frac, max_frac]`` neither
         count nor reset. A score below the threshold, or NaN (no valid repeated-token
@@ -219,8 +276,9 @@ class ReleaseController:
         if frac < self.min_frac - _FRAC_EPS or frac > self.max_frac + _FRAC_EPS:
             return None
         self.last_observed_step = int(step)
-        score = float(lower_copy)
-        if not math.isnan(score) and score >= self.threshold:
+        score = self.maturity_score(lower_copy, lower_copy_uniform)
+        self.last_score = None if math.isnan(score) else score
+        if not math.isnan(score) and score >= self.compared_threshold:
             self.streak += 1
         else:
             self.streak = 0
@@ -231,7 +289,17 @@ class ReleaseController:
     def _release(self, step: int, frac: float, reason: Reason) -> ReleaseEvent:
         self.release_step = int(step)
         self.release_reason = reason
-        return ReleaseEvent(rule=self.name, reason=reason, step=int(step), frac=float(frac))
+        maturity = self.policy == "maturity"
+        score = self.last_score if maturity else None
+        return ReleaseEvent(
+            rule=self.name,
+            reason=reason,
+            step=int(step),
+            frac=float(frac),
+            score=score,
+            threshold=self.compared_threshold if maturity else None,
+            threshold_mode=self.threshold_mode,
+        )
 
     # ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -244,6 +312,7 @@ class ReleaseController:
             "release_reason": self.release_reason,
             "streak": self.streak,
             "last_observed_step": self.last_observed_step,
+            "last_score": self.last_score,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -265,6 +334,8 @@ class ReleaseController:
         self.release_reason = state["release_reason"]
         self.streak = int(state["streak"])
         self.last_observed_step = state["last_observed_step"]
+        # Absent in checkpoints written before the score was recorded.
+        self.last_score = state.get("last_score")
 
 
 def entropy_floor_penalty(upper_entropy: torch.Tensor, h0: float, weight: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ docstring); the controllers' state travels in :meth:`MultiplierScheduler.state_d
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -121,10 +122,13 @@ class MultiplierScheduler(OptimizerParamScheduler):
         self._events.append(event)
 
     # ---------------------------------------------------------------------------------------
-    def observe_evaluation(self, step: int, lower_copy: float) -> list[ReleaseEvent]:
+    def observe_evaluation(
+        self, step: int, lower_copy: float, lower_copy_uniform: float = math.nan
+    ) -> list[ReleaseEvent]:
         """Feed the lower-copy score of the evaluation taken after ``step`` optimizer steps.
 
-        ``lower_copy`` must be the same on every rank (use
+        ``lower_copy_uniform`` is the score's uniform-attention baseline on the same positions
+        (needed by ``over_uniform`` rules). Both must be the same on every rank (use
         :func:`megatron_qk.optim.release.global_score`). A release with no ramp takes effect
         for the very next update. The new events are also queued for :meth:`pop_events`; log
         only what ``pop_events`` returns so nothing is written twice.
@@ -140,13 +144,20 @@ class MultiplierScheduler(OptimizerParamScheduler):
         frac = step / self.planned_steps
         events = []
         for ctl in self._all_controllers():
-            event = ctl.observe(step, frac, lower_copy)
+            event = ctl.observe(step, frac, lower_copy, lower_copy_uniform)
             if event is not None:
                 self._record(event)
                 events.append(event)
         if events:
             self._apply()
         return events
+
+    def maturity_score(self, lower_copy: float, lower_copy_uniform: float) -> float | None:
+        """The score the run's first maturity rule compares (None when it has none)."""
+        for ctl in self._all_controllers():
+            if ctl.policy == "maturity":
+                return ctl.maturity_score(lower_copy, lower_copy_uniform)
+        return None
 
     def pop_events(self) -> list[ReleaseEvent]:
         """Release events since the last call (forced/fixed from ``step``, maturity from evals)."""
@@ -165,7 +176,9 @@ class MultiplierScheduler(OptimizerParamScheduler):
         return self.entropy_floor_lam * self.entropy_floor.factor(self.optimizer_step)
 
     def releases(self) -> dict[str, dict]:
-        """``{rule: {step, frac, reason}}`` of the releases so far (for summary.json)."""
+        """``{rule: {step, frac, reason}}`` of the releases so far (for summary.json); maturity
+        rules add ``score`` (the last counted maturity score), ``threshold``, ``threshold_mode``.
+        """
         out = {}
         for ctl in self._all_controllers():
             if ctl.released:
@@ -174,6 +187,12 @@ class MultiplierScheduler(OptimizerParamScheduler):
                     "frac": ctl.release_step / self.planned_steps,
                     "reason": ctl.release_reason,
                 }
+                if ctl.policy == "maturity":
+                    out[ctl.name].update(
+                        score=ctl.last_score,
+                        threshold=ctl.compared_threshold,
+                        threshold_mode=ctl.threshold_mode,
+                    )
         return out
 
     # ---------------------------------------------------------------------------------------

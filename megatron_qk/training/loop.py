@@ -367,6 +367,11 @@ class Trainer:
         for ev in events:
             frac = ev.step / self.planned_steps
             self.releases[ev.rule] = {"step": ev.step, "frac": frac, "reason": ev.reason}
+            # Maturity rules: the score and threshold in force at the release.
+            at_release = {}
+            if ev.threshold is not None:
+                at_release = {k: getattr(ev, k) for k in ("score", "threshold", "threshold_mode")}
+            self.releases[ev.rule].update(at_release)
             records.append(
                 {
                     "kind": "release",
@@ -377,6 +382,7 @@ class Trainer:
                     "tokens": ev.step
                     * self.cfg.training.global_batch_size
                     * self.cfg.model.seq_length,
+                    **at_release,
                 }
             )
         return records
@@ -482,6 +488,9 @@ class Trainer:
         self.last_eval = record
         sinks.write(record)
         if self.last_diag is not None:
+            diag = self.last_diag
+            uniform = diag.get("lower_copy_uniform", math.nan)
+            diag["maturity_score"] = self.scheduler.maturity_score(diag["lower_copy"], uniform)
             sinks.write(self.last_diag)
             crossing = self._sharp_crossing_record(self.last_diag)
             if crossing is not None:
@@ -490,7 +499,7 @@ class Trainer:
                     f"upper entropy {crossing['upper_entropy']:.3f} crossed the sharpness "
                     f"threshold {crossing['threshold']} at step {crossing['step']}"
                 )
-            self.scheduler.observe_evaluation(self.step, self.last_diag["lower_copy"])
+            self.scheduler.observe_evaluation(self.step, diag["lower_copy"], uniform)
             for rec in self._event_records(self.scheduler.pop_events()):
                 sinks.write(rec)
                 bar.write(f"release {rec['rule']} ({rec['reason']}) at step {rec['step']}")
