@@ -1,7 +1,8 @@
 """The training loop: Megatron-Core model, DDP, optimizer and pipeline schedules, plainly.
 
 One call of :func:`train` runs (or resumes) a whole run described by an
-:class:`~megatron_qk.config.schema.ExperimentConfig` and writes the run directory of DESIGN.md.
+:class:`~megatron_qk.config.schema.ExperimentConfig` and writes the run directory described in
+docs/RUN_DIRECTORY.md.
 The loop follows nanoGPT's shape: build, then ``for step: forward_backward; step; log; eval;
 save``. Megatron does the parallel work (DDP / distributed optimizer, TP layers, 1F1B schedule).
 """
