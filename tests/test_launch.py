@@ -54,13 +54,19 @@ def test_recipe_loads_and_fits_its_cluster(recipe):
     cfg = load_config(recipe)
     rel = recipe.relative_to(CONFIGS)
     assert cfg.training.output_dir == f"runs/{rel.with_suffix('')}"
-    # 270M / 0.7B recipes: one node of 8 GPUs; the scale-up: 4 nodes (TP2 x PP2 x DP8).
-    world = 32 if rel.parts[0].startswith("scaleup") else 8
+    # 270M / 0.7B recipes: one node of 8 GPUs; the scale-up: 4 nodes (TP2 x PP2 x DP8); the
+    # mini study (docs/MINI_STUDY.md): one CPU process.
+    mini = rel.parts[0] == "mini"
+    world = 32 if rel.parts[0].startswith("scaleup") else 1 if mini else 8
     cfg.validate_world(world)
     rules = {r.name: r for r in cfg.optim.rules}
     if cfg.arm == "intervention":
         rule = rules["upper_qk"]
         assert_paper_rule(rule)
+        # Paper recipes compare the absolute copy mass; the mini study (seq 128) its ratio to
+        # the uniform baseline, calibrated to the paper's 0.005 at seq 1024.
+        mode = ("over_uniform", 1.3) if mini else ("absolute", None)
+        assert (rule.threshold_mode, rule.threshold_ratio) == mode
     if cfg.arm == "control":
         assert not rules and not cfg.optim.entropy_floor.enabled and cfg.optim.lr_multiplier == 1
 

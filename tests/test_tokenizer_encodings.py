@@ -162,7 +162,7 @@ def _doc_sources(dataset, prefixes: list[str], n: int) -> list[int]:
     return [int(dataset.dataset_index[i]) for i in range(n)]
 
 
-def test_weighted_blend_follows_the_weights_and_the_seed(tmp_path, single_rank):
+def test_weighted_blend_follows_the_weights_and_the_data_seed(tmp_path, single_rank):
     from megatron_qk.training.data import build_datasets
 
     a = _preprocessed(tmp_path, "a", 40)
@@ -171,21 +171,21 @@ def test_weighted_blend_follows_the_weights_and_the_seed(tmp_path, single_rank):
 
     def build(seed: int, cache: str):
         cfg = _indexed_recipe(
-            tmp_path, *common, f"training.seed={seed}", f"data.cache_dir={tmp_path / cache}"
+            tmp_path, *common, f"training.data_seed={seed}", f"data.cache_dir={tmp_path / cache}"
         )
         return build_datasets(cfg, planned_steps=25, output_dir=str(tmp_path / "run")).train
 
     first, again, other = build(1, "c1"), build(1, "c2"), build(2, "c3")
     n = 200
     sources = _doc_sources(first, [a, b], n)
-    assert sources == _doc_sources(again, [a, b], n)  # deterministic under the seed
+    assert sources == _doc_sources(again, [a, b], n)  # deterministic under the data seed
     share = np.bincount(sources, minlength=2) / n
     assert share.tolist() == pytest.approx([0.75, 0.25], abs=0.01)  # megatron's greedy blend
     for i in range(0, n, 37):
         assert np.array_equal(first[i]["tokens"], again[i]["tokens"])
     assert any(
         not np.array_equal(first[i]["tokens"], other[i]["tokens"]) for i in range(20)
-    )  # another seed draws other samples
+    )  # another data seed draws other samples
 
 
 @pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
