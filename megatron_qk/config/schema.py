@@ -300,7 +300,7 @@ class DataConfig:
     check_token_ids: bool = True
     # Blend weights, one per train_prefixes / valid_prefixes entry (Megatron's
     # "weight prefix weight prefix" data path as two aligned lists); empty = unweighted.
-    # Samples are drawn by megatron-core's BlendedDataset, deterministically under training.data_seed.
+    # Samples are drawn by megatron-core's BlendedDataset, deterministic under training.data_seed.
     train_weights: list[float] = field(default_factory=list)
     valid_weights: list[float] = field(default_factory=list)
 
