@@ -11,12 +11,13 @@ diagnostics on 8 sequences), each through the real CLI:
 - ``new_layout``: one process stopped at step 3 (``training.exit_after_steps``), resumed by two
   processes (DP=2);
 - ``tp2``: the same, resumed by two processes as TP=2 (``model.vocab_pad_multiple=64`` in both
-  launches, so the padded vocabulary is the same 50,304 rows under TP=1 and TP=2).
+  launches, so the padded vocabulary is the same 50,304 rows under TP=1 and TP=2);
+- ``pp2``: the same, resumed by two processes as PP=2 (two layers per stage).
 
 For each, the largest relative difference from the reference over every train loss, validation
 loss and diag value, the release steps, and exit codes. Usage::
 
-    python benchmarks/resume_equality.py [--out DIR] [--scenarios kill preempt new_layout tp2]
+    python benchmarks/resume_equality.py [--out DIR] [--scenarios kill preempt new_layout tp2 pp2]
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ SCENARIOS = {
     "tp2": lambda run_dir: _new_layout(
         run_dir, ("model.vocab_pad_multiple=64",), ("parallel.tensor_model_parallel_size=2",)
     ),
+    "pp2": lambda run_dir: _new_layout(run_dir, (), ("parallel.pipeline_model_parallel_size=2",)),
 }
 
 
