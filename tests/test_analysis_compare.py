@@ -17,6 +17,21 @@ BUDGET = STEPS * TOKENS_PER_STEP  # 4096
 EVAL_TOKENS = [s * TOKENS_PER_STEP for s in range(0, STEPS + 1, EVAL_EVERY)]  # 0, 1024, ...
 RULE = "optim.rules=[{name: upper_qk}]"
 
+# Tolerances from float64 rounding (U64 = unit roundoff). The decimal losses below lie in [2, 4),
+# so each is stored within half an ulp, 2^-52, of its decimal value; differences of two of them
+# are exact (Sterbenz: within a factor 2), and statistics.fmean/stdev round only once at the end.
+U64 = 2.0**-53
+# Means, paired differences and deviations combine <= 4 input errors (<= 2^-50); the sd scales
+# that by sqrt(n/(n-1)) <= 1.23, plus the final roundings of both sides: < 2^-48 ~ 3.6e-15, far
+# below the 0.05-0.2 effects checked.
+LOSS_ABS = 2.0**-48
+# Interpolated tokens t0 + (l0 - target) / (l0 - l1) * 1024: numerator and denominator are each off
+# by <= 2 * 2^-52 (inputs, exact subtraction), so the fraction by <= 4 * 2^-52 / (l0 - l1) + U64,
+# smallest gap l0 - l1 = 0.1 here; times 1024 (exact), plus the final addition's U64 * 4096.
+TOKENS_ABS = 1024 * (4 * 2.0**-52 / 0.1 + U64) + 4096 * U64  # ~1e-11, vs 512-token savings
+# Savings 4096 - tokens are exact (Sterbenz); percent = 100 * saved / 4096 adds two roundings.
+PERCENT_ABS = TOKENS_ABS * 100 / 4096 + 2 * U64 * 100
+
 # Eval curves (val_loss at tokens 0, 1024, 2048, 3072, 4096) per seed.
 CONTROL = {
     1: [6.0, 4.0, 3.5, 3.2, 3.0],
@@ -102,6 +117,22 @@ def sample_sd(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def naive_mean_abs(values: list[float]) -> float:
+    """|sum(values) / n - the correctly rounded mean|: n - 1 additions and a division on values
+    <= max|v| round by <= U64 max|v| each, one more rounding on the other side: n U64 max|v|."""
+    return (len(values) + 1) * U64 * max(abs(v) for v in values)
+
+
+def naive_sd_abs(values: list[float]) -> float:
+    """|sample_sd - statistics.stdev| (the latter exact up to its final rounding): the naive mean's
+    error plus the subtraction's U64 |v - m| shifts each deviation, so the sd moves by <=
+    sqrt(n/(n-1)) times that; squares, n - 1 additions, division, sqrt: (n + 3) U64 relative."""
+    n, sd = len(values), sample_sd(values)
+    mean = sum(values) / n
+    dev = naive_mean_abs(values) + U64 * max(abs(v - mean) for v in values)
+    return math.sqrt(n / (n - 1)) * dev + (n + 4) * U64 * sd
+
+
 @pytest.fixture
 def paired(tmp_path):
     root = tmp_path / "runs"
@@ -122,13 +153,14 @@ def paired(tmp_path):
 
 def test_interpolation_and_not_reached():
     curve = [(0, 6.0), (1024, 4.0), (2048, 3.5)]
-    assert tokens_to_target(curve, 3.75) == pytest.approx(1536.0)
+    # Every value is dyadic: (4.0 - 3.75) / (4.0 - 3.5) * 1024 + 1024 is computed exactly.
+    assert tokens_to_target(curve, 3.75) == 1536.0
     assert tokens_to_target(curve, 4.0) == 1024.0  # exactly reached at an eval point
     assert tokens_to_target(curve, 7.0) == 0.0  # already reached at the first point
     assert tokens_to_target(curve, 3.4) is None
     # The first crossing counts, even if the curve rises again afterwards; NaN points are skipped.
     bumpy = [(0, 6.0), (100, math.nan), (200, 4.0), (300, 5.0), (400, 3.0)]
-    assert tokens_to_target(bumpy, 4.5) == pytest.approx(0 + (6.0 - 4.5) / 2.0 * 200)
+    assert tokens_to_target(bumpy, 4.5) == 0 + (6.0 - 4.5) / 2.0 * 200  # dyadic: exact
 
 
 def test_paired_table_matches_hand_computation(paired, tmp_path, capsys, monkeypatch):
@@ -139,33 +171,39 @@ def test_paired_table_matches_hand_computation(paired, tmp_path, capsys, monkeyp
     assert result["seeds"] == [1, 2, 3]
     ctl, itv = result["arms"]["control"], result["arms"]["intervention"]
     # Final losses: control 3.0, 3.1, 2.9; intervention 2.8, 2.9, 2.85.
-    assert ctl["final_val_loss"]["mean"] == pytest.approx(3.0)
-    assert ctl["final_val_loss"]["sd"] == pytest.approx(0.1)
-    assert itv["final_val_loss"]["mean"] == pytest.approx(2.85)
-    assert itv["final_val_loss"]["sd"] == pytest.approx(0.05)
+    assert ctl["final_val_loss"]["mean"] == pytest.approx(3.0, abs=LOSS_ABS)
+    assert ctl["final_val_loss"]["sd"] == pytest.approx(0.1, abs=LOSS_ABS)
+    assert itv["final_val_loss"]["mean"] == pytest.approx(2.85, abs=LOSS_ABS)
+    assert itv["final_val_loss"]["sd"] == pytest.approx(0.05, abs=LOSS_ABS)
     ppl_c = [math.exp(x) for x in (3.0, 3.1, 2.9)]
     ppl_i = [math.exp(x) for x in (2.8, 2.9, 2.85)]
-    assert itv["final_val_ppl"]["mean"] == pytest.approx(sum(ppl_i) / 3)
-    assert itv["final_val_ppl"]["sd"] == pytest.approx(sample_sd(ppl_i))
+    # The same exp values (JSON round-trips floats exactly): only the summation differs.
+    assert itv["final_val_ppl"]["mean"] == pytest.approx(sum(ppl_i) / 3, abs=naive_mean_abs(ppl_i))
+    assert itv["final_val_ppl"]["sd"] == pytest.approx(sample_sd(ppl_i), abs=naive_sd_abs(ppl_i))
     diff = result["differences"]["intervention"]
     # Paired loss differences -0.2, -0.2, -0.05.
-    assert diff["final_val_loss"]["mean"] == pytest.approx(-0.15)
-    assert diff["final_val_loss"]["sd"] == pytest.approx(math.sqrt(0.0075))
+    assert diff["final_val_loss"]["mean"] == pytest.approx(-0.15, abs=LOSS_ABS)
+    assert diff["final_val_loss"]["sd"] == pytest.approx(math.sqrt(0.0075), abs=LOSS_ABS)
     d_ppl = [b - a for a, b in zip(ppl_c, ppl_i)]
-    assert diff["final_val_ppl"]["mean"] == pytest.approx(sum(d_ppl) / 3)
-    assert diff["final_val_ppl"]["sd"] == pytest.approx(sample_sd(d_ppl))
+    # b - a of the same floats as compare computes them: again only the summation differs.
+    assert diff["final_val_ppl"]["mean"] == pytest.approx(sum(d_ppl) / 3, abs=naive_mean_abs(d_ppl))
+    assert diff["final_val_ppl"]["sd"] == pytest.approx(sample_sd(d_ppl), abs=naive_sd_abs(d_ppl))
     # Tokens to the paired control's final loss:
     # s1: 2048 + (3.3 - 3.0) / (3.3 - 2.9) * 1024 = 2816; s2: 2048; s3: 3072 + 0.5 * 1024 = 3584.
     pairs = {p["seed"]: p for p in result["pairs"]}
-    assert [pairs[s]["tokens_to_target"] for s in (1, 2, 3)] == pytest.approx([2816, 2048, 3584])
-    assert [pairs[s]["saving_tokens"] for s in (1, 2, 3)] == pytest.approx([1280, 2048, 512])
-    assert [pairs[s]["saving_percent"] for s in (1, 2, 3)] == pytest.approx([31.25, 50.0, 12.5])
-    assert itv["tokens_to_target"]["mean"] == pytest.approx(2816)
-    assert itv["tokens_to_target"]["sd"] == pytest.approx(768)
-    assert itv["token_saving"]["tokens"]["mean"] == pytest.approx(1280)
-    assert itv["token_saving"]["percent"]["mean"] == pytest.approx(31.25)
-    assert itv["token_saving"]["percent"]["sd"] == pytest.approx(18.75)
-    assert diff["tokens_to_target"]["mean"] == pytest.approx(-1280)
+    tokens = [pairs[s]["tokens_to_target"] for s in (1, 2, 3)]
+    assert tokens == pytest.approx([2816, 2048, 3584], abs=TOKENS_ABS)
+    saved = [pairs[s]["saving_tokens"] for s in (1, 2, 3)]
+    assert saved == pytest.approx([1280, 2048, 512], abs=TOKENS_ABS)
+    percent = [pairs[s]["saving_percent"] for s in (1, 2, 3)]
+    assert percent == pytest.approx([31.25, 50.0, 12.5], abs=PERCENT_ABS)
+    # A mean keeps the per-seed bound (+ one rounding); an sd moves by <= sqrt(3/2) * 2 of it.
+    assert itv["tokens_to_target"]["mean"] == pytest.approx(2816, abs=TOKENS_ABS)
+    assert itv["tokens_to_target"]["sd"] == pytest.approx(768, abs=3 * TOKENS_ABS)
+    assert itv["token_saving"]["tokens"]["mean"] == pytest.approx(1280, abs=TOKENS_ABS)
+    assert itv["token_saving"]["percent"]["mean"] == pytest.approx(31.25, abs=PERCENT_ABS)
+    assert itv["token_saving"]["percent"]["sd"] == pytest.approx(18.75, abs=3 * PERCENT_ABS)
+    assert diff["tokens_to_target"]["mean"] == pytest.approx(-1280, abs=TOKENS_ABS)
     assert ctl["tokens_to_target"]["mean"] == BUDGET
     table = capsys.readouterr().out
     assert "| control | 3.0000 ± 0.1000 |" in table
@@ -235,7 +273,7 @@ def test_missing_control_arm(tmp_path):
     with pytest.raises(CompareError, match="no run of the control arm 'control'"):
         load_and_compare([tmp_path])
     result = load_and_compare([tmp_path], control_arm="a")
-    assert result["differences"]["b"]["final_val_loss"]["mean"] == pytest.approx(-0.2)
+    assert result["differences"]["b"]["final_val_loss"]["mean"] == pytest.approx(-0.2, abs=LOSS_ABS)
 
 
 def test_eval_table_is_appended_when_its_module_exists(paired, tmp_path, monkeypatch, capsys):
@@ -274,5 +312,9 @@ def test_compare_appends_the_real_table2_view(paired, tmp_path, capsys):
     (row,) = table["rows"]
     # Paired deltas in percentage points: +1, +1, +3.
     assert row["task"] == "piqa" and row["wins"] == 3
-    assert row["delta_pp"]["mean"] == pytest.approx(5 / 3)
-    assert row["delta_pp"]["std"] == pytest.approx(sample_sd([1.0, 1.0, 3.0]))
+    # Accuracies < 1 are stored within 2^-54 of their decimals and subtracted exactly
+    # (Sterbenz); x 100 rounds once (<= U64 * 3): each delta is within 100 * 2^-53 + 3 U64 of
+    # its decimal; the mean adds the sum's and division's roundings (< 13 U64): 116 U64 ~ 1.3e-14;
+    # the sd moves by <= sqrt(3/2) * 2 < 3 times that. The deltas checked are 1-3 pp.
+    assert row["delta_pp"]["mean"] == pytest.approx(5 / 3, abs=(100 + 16) * U64)
+    assert row["delta_pp"]["std"] == pytest.approx(sample_sd([1.0, 1.0, 3.0]), abs=3 * 116 * U64)

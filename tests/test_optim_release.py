@@ -59,7 +59,7 @@ def test_hold_below_threshold_until_forced_release_at_max_frac():
     assert len(events) == 1
     ev = events[0]
     assert (ev.rule, ev.reason, ev.step) == ("upper_qk", "forced", 120)
-    assert ev.frac == pytest.approx(0.12)
+    assert ev.frac == 0.12  # 120 / 1000 rounds once, to the double nearest 0.12: the literal
     assert all(f == 0.25 for f in factors[:120])  # hold through step 120 (ramp starts there)
     assert ctl.streak == 0
 
@@ -70,7 +70,7 @@ def test_earliest_maturity_release_is_about_4_percent():
     ctl = _paper_rule()
     events = _run(ctl, lambda s: 0.5)
     assert [(e.reason, e.step) for e in events] == [("maturity", 40)]
-    assert events[0].frac == pytest.approx(0.04)
+    assert events[0].frac == 0.04  # 40 / 1000: correctly rounded, as the literal
 
 
 @pytest.mark.parametrize(("patience", "step"), [(1, 30), (3, 40), (5, 50)])
@@ -122,6 +122,8 @@ def test_ramp_shape():
     assert ctl.factor(39) == 0.25
     assert ctl.factor(40) == 0.25
     for i in range(11):
+        # t = i/10, (1 - 0.25) * t and the sum round once each (<= U64 on values <= 1), the
+        # expected's division and sum likewise: <= 5 U64 ~ 5.6e-16.
         assert ctl.factor(40 + i) == pytest.approx(0.25 + 0.75 * i / 10, abs=1e-15)
     assert ctl.factor(50) == 1.0 and ctl.factor(999) == 1.0
     steps = [ctl.factor(s) for s in range(35, 60)]
@@ -151,7 +153,8 @@ def test_over_uniform_rule_compares_the_ratio_to_the_baseline():
             events.append(ev)
     assert [(e.step, e.reason) for e in events] == [(70, "maturity")]  # 60, 65, 70
     assert events[0].threshold == 1.3 and events[0].threshold_mode == "over_uniform"
-    assert events[0].score == pytest.approx(1.5, rel=1e-15)
+    # (0.02 * 1.5) / 0.02: two roundings, (1 + U64)^2 - 1 < 3 U64.
+    assert events[0].score == pytest.approx(1.5, rel=3 * 2.0**-53)
     # The paper's absolute rule on the same scores releases at the first in-window patience.
     absolute = _paper_rule()
     first = _run(absolute, lambda step: uniform, eval_every=5)
@@ -198,12 +201,15 @@ def test_entropy_floor_weight_ramps_to_zero():
     ctl = ReleaseController.for_entropy_floor(EntropyFloorConfig(enabled=True), PLANNED)
     events = _run(ctl, lambda s: 0.5)
     assert [(e.rule, e.step) for e in events] == [("entropy_floor", 40)]
-    assert ctl.factor(40) == 1.0 and ctl.factor(45) == pytest.approx(0.5) and ctl.factor(50) == 0
+    # 1 + (0 - 1) * (5 / 10) is dyadic throughout: exact.
+    assert ctl.factor(40) == 1.0 and ctl.factor(45) == 0.5 and ctl.factor(50) == 0
     import torch
 
     h = torch.tensor([0.5, 0.9], requires_grad=True)
     pen = entropy_floor_penalty(h, h0=0.8, weight=0.1)
-    assert torch.allclose(pen, torch.tensor([0.03, 0.0]))
+    # fp32: 0.8 and 0.1 are stored within U32 relative, 0.8 - 0.5 and the product round once
+    # each, and the literal 0.03: <= 0.1 * 0.8 U32 + 0.03 * 4 U32 ~ 1.2e-8 (U32 = 2^-24).
+    assert torch.allclose(pen, torch.tensor([0.03, 0.0]), rtol=0, atol=0.2 * 2.0**-24)
 
 
 @pytest.mark.parametrize("cut", [20, 37, 44, 80, 130])  # hold, mid-patience, ramp, after
@@ -276,8 +282,10 @@ def test_scheduler_applies_factors_and_counts_samples():
         assert opt.param_groups[1]["lr"] == base and opt.param_groups[1]["weight_decay"] == 0
         assert opt.param_groups[2]["lr"] == base * 0.25
         fc = 0.5 if step < 10 else min(1.0, 0.5 + 0.5 * (step - 10) / 2)
-        assert opt.param_groups[3]["lr"] == pytest.approx(base * fc, rel=1e-12)
-        assert sched.multipliers() == pytest.approx({"upper_qk": 0.25, "fc": fc})
+        # Exact, as for group 2: fc is dyadic (0.5 + 0.5 * t, t in {0, 0.5, 1}), computed
+        # exactly by the ramp, and the group's get_lr is base (same max_lr/min_lr).
+        assert opt.param_groups[3]["lr"] == base * fc
+        assert sched.multipliers() == {"upper_qk": 0.25, "fc": fc}  # dyadic: exact
         events = sched.pop_events()
         assert [(e.rule, e.reason) for e in events] == ([("fc", "fixed")] if step == 10 else [])
     assert opt.param_groups[0]["max_lr"] == 1e-3  # override values are never edited
@@ -286,7 +294,9 @@ def test_scheduler_applies_factors_and_counts_samples():
 
 def test_scheduler_global_multiplier_scales_lr_and_min_lr():
     sched = build_scheduler(_cfg([], lr_multiplier=0.5), _Groups([]))
-    assert sched.max_lr == 5e-4 and sched.min_lr == pytest.approx(5e-5)
+    # min_lr = 0.1 * (1e-3 * 0.5): the halving is exact, the literals 0.1, 1e-3 and 5e-5 and the
+    # product round once each: <= 4 U64.
+    assert sched.max_lr == 5e-4 and sched.min_lr == pytest.approx(5e-5, rel=4 * 2.0**-53)
 
 
 def test_scheduler_observe_evaluation_and_state_round_trip():
@@ -331,7 +341,7 @@ def test_scheduler_refuses_mismatched_rules_and_groups():
 def test_scheduler_entropy_floor_weight():
     cfg = _cfg([], steps=100, entropy_floor=EntropyFloorConfig(enabled=True, lam=0.1))
     sched = build_scheduler(cfg, _Groups([]))
-    assert sched.entropy_floor_weight() == pytest.approx(0.1)
+    assert sched.entropy_floor_weight() == 0.1  # lam * 1.0 (hold factor): exact
     for _step in range(1, 13):
         sched.step(increment=8)
     assert [(e.rule, e.reason) for e in sched.pop_events()] == [("entropy_floor", "forced")]

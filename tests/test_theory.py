@@ -24,6 +24,9 @@ from megatron_qk.analysis.theory import (
 # The paper's 270M setting (Section 6 and Appendix B.2).
 M, R, NU = 3840, 2560, 0.384
 NU_GRID = [1e-4, 1e-2, 0.1, 0.384, 1.0, 3.0, 10.0, 100.0, 1e4]
+U64 = 2.0**-53  # float64 unit roundoff
+# 0.02**2 * 960: the literal 0.02 (U64, doubled by squaring), two roundings, the literal 0.384.
+NU_FROM_INIT_REL = 8 * U64
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -39,8 +42,9 @@ def test_paper_numbers_theorem2() -> None:
     assert round(rho_zero(M, R, NU, "gelu"), 3) == 0.256
     assert round(rho_zero(M, R, NU, "silu"), 3) == 0.216
     # nu = sigma^2 ||x||^2 with init_method_std 0.02 and a unit-gain normalized width-960 input.
-    assert nu_from_init(0.02, 960) == pytest.approx(NU, rel=1e-12)
-    assert rho_zero(M, R, nu_from_init(0.02, 960), "silu") == pytest.approx(0.21626, abs=1e-5)
+    assert nu_from_init(0.02, 960) == pytest.approx(NU, rel=NU_FROM_INIT_REL)
+    # 0.21626 is the value rounded to 5 decimals: half a unit of the last digit.
+    assert rho_zero(M, R, nu_from_init(0.02, 960), "silu") == pytest.approx(0.21626, abs=5e-6)
 
 
 def test_activations_match_torch() -> None:
@@ -48,6 +52,9 @@ def test_activations_match_torch() -> None:
     torch = pytest.importorskip("torch")
     x = np.linspace(-9.0, 9.0, 1001)
     t = torch.tensor(x, dtype=torch.float64)
+    # Two float64 evaluations of the same formula (erf/tanh/exp within ~1 ulp, a few roundings):
+    # rtol 1e-13 (~900 U64) covers them; where 1 + erf(x/sqrt2) or 1 + tanh(x/2) cancels (x << 0)
+    # the absolute error is <= |x|/2 * (a few U64 on values <= 2) ~ 9/2 * 2 U64 = 1e-15 = atol.
     np.testing.assert_allclose(
         activation_fn("gelu")(x), torch.nn.functional.gelu(t).numpy(), rtol=1e-13, atol=1e-15
     )
@@ -63,6 +70,9 @@ def test_second_moments_match_direct_quadrature(nu: float) -> None:
     for act in ("gelu", "silu"):
         f = activation_fn(act)
         direct = gaussian_expectation(lambda g, f=f: f(g) ** 2, nu)
+        # Trapezoid truncation is exp(-2 pi a / h) ~ nil (module docstring); rounding of a sum of
+        # <= 19201 positive terms (nu = 1e4: 12 sqrt(nu) / (1/16) per side) is <= n U64 ~ 2e-12
+        # even summed recursively, x2 for SiLU's nu/2 - E[...] at small nu: 1e-11.
         assert activation_second_moment(act, nu) == pytest.approx(direct, rel=1e-11)
     assert activation_second_moment("relu", nu) == nu / 2
 
@@ -74,8 +84,12 @@ def test_quadrature_matches_gauss_hermite_and_moments() -> None:
     for act in ("gelu", "silu"):
         f = activation_fn(act)
         gh = float(np.sum(weights * f(math.sqrt(NU) * nodes) ** 2))
-        assert activation_second_moment(act, NU) == pytest.approx(gh, rel=1e-12)
+        # Sums of 200 (Gauss-Hermite) and 385 (trapezoid) positive terms: <= 585 U64 ~ 6.5e-14
+        # worst case; both rules' truncation errors are far below for these analytic integrands.
+        assert activation_second_moment(act, NU) == pytest.approx(gh, rel=1e-13)
     for nu in (0.01, NU, 50.0):
+        # Polynomial x Gaussian: truncation nil (12-sigma window, smooth); sums of <= 385
+        # positive terms: <= 385 U64 ~ 4.3e-14 worst case.
         assert gaussian_expectation(lambda g: g**2, nu) == pytest.approx(nu, rel=1e-13)
         assert gaussian_expectation(lambda g: g**4, nu) == pytest.approx(3 * nu**2, rel=1e-13)
 
@@ -121,20 +135,26 @@ def test_rho_scaling_and_monotonicity() -> None:
     """Facts from eq. (44): linear in r and in tau ratio, inverse in m, GEGLU = (r/m) nu."""
     for gate in ("gelu", "silu"):
         base = rho_zero(M, R, NU, gate)
-        assert rho_zero(M, 2 * R, NU, gate) == pytest.approx(2 * base, rel=1e-14)
-        assert rho_zero(2 * M, R, NU, gate) == pytest.approx(base / 2, rel=1e-14)
-        assert rho_zero(M, R, NU, gate, output_variance_ratio=0.5) == pytest.approx(base / 2)
+        # Exact: doubling r, halving via 2m or the 0.5 ratio scales r/m (a correctly rounded
+        # quotient) or the first factor by a power of 2, and every later rounding follows it.
+        assert rho_zero(M, 2 * R, NU, gate) == 2 * base
+        assert rho_zero(2 * M, R, NU, gate) == base / 2
+        assert rho_zero(M, R, NU, gate, output_variance_ratio=0.5) == base / 2
         values = [rho_zero(M, R, nu, gate) for nu in NU_GRID]
         assert all(a < b for a, b in zip(values, values[1:], strict=False))
     for nu in NU_GRID:
         # psi = phi: the moment ratio cancels and rho_0 = (r/m) nu, below 1 iff nu < m/r.
-        assert rho_zero(M, R, nu, "gelu") == pytest.approx(R / M * nu, rel=1e-14)
+        # (r/m) nu * g / g with the same g: one product and one division, <= 2 U64 + U64^2.
+        assert rho_zero(M, R, nu, "gelu") == pytest.approx(R / M * nu, rel=3 * U64)
         # SwiGLU injects less energy than GEGLU at every nu ...
         assert rho_zero(M, R, nu, "silu") < rho_zero(M, R, nu, "gelu")
     # ... but the SiLU/GELU moment ratio tends to 1 at both ends (both act like x/2, then relu).
     ratio = [rho_zero(M, R, nu, "silu") / rho_zero(M, R, nu, "gelu") for nu in (1e-8, 1e8)]
-    assert ratio == pytest.approx([1.0, 1.0], abs=1e-3)
-    assert rho_zero(M, R, NU, "silu", single_activation="relu") == pytest.approx(
+    # Expanding both moments: ratio - 1 ~ (3/16 - 3/(2 pi)) / (1/4) nu ~ -1.2e-8 at nu = 1e-8,
+    # and O(nu^-1.5) ~ 1e-12 at 1e8 (quadrature at rounding level); a wrong limit is O(0.1).
+    assert ratio == pytest.approx([1.0, 1.0], abs=1e-6)
+    # The same operations in the same order: exact.
+    assert rho_zero(M, R, NU, "silu", single_activation="relu") == (
         R / M * NU * activation_second_moment("silu", NU) / (NU / 2)
     )
 
@@ -144,9 +164,11 @@ def test_evaluate_rho_reports_moments() -> None:
     assert set(results) == {"GEGLU", "SwiGLU"}
     swiglu = results["SwiGLU"]
     assert swiglu.rho_zero == rho_zero(M, R, NU, "silu")
-    assert swiglu.gated_unit_energy == pytest.approx(NU * swiglu.gate_second_moment)
+    # 1.0 * nu * gate: the same single rounding as nu * gate.
+    assert swiglu.gated_unit_energy == NU * swiglu.gate_second_moment
+    # ((r/m) nu) gate vs (r/m) (nu gate): each product of three within 2 roundings: <= 4 U64.
     assert swiglu.rho_zero == pytest.approx(
-        R / M * swiglu.gated_unit_energy / swiglu.single_unit_energy
+        R / M * swiglu.gated_unit_energy / swiglu.single_unit_energy, rel=5 * U64
     )
 
 
@@ -178,11 +200,17 @@ def test_rho_zero_rejects_bad_input(kwargs: dict, match: str) -> None:
 def test_logit_range_bound_is_attained(num_keys: int, epsilon: float) -> None:
     """Eq. (12) with equality: one logit L above N-1 equal ones gets exactly 1 - eps."""
     bound = logit_range_bound(num_keys, epsilon)
-    assert bound == pytest.approx(math.log((num_keys - 1) * (1 - epsilon) / epsilon), rel=1e-12)
+    # Three logs (<= 1 ulp each) and two additions per side, terms summing to <= 3.5x the result
+    # (N=2, eps=0.4): <= 2 * 6 U64 * 3.5 = 42 U64 ~ 4.7e-15.
+    assert bound == pytest.approx(math.log((num_keys - 1) * (1 - epsilon) / epsilon), rel=1e-14)
     z = extremal_logits(num_keys, epsilon)
-    assert z.max() - z.min() == pytest.approx(bound, rel=1e-15)
+    assert z.max() - z.min() == bound  # exact: bound - 0.0
+    # A sum of N <= 1024 terms: <= N U64 ~ 1.1e-13 worst case, plus exp/divide and L's error
+    # times (1 - p): a few U64.
     assert _softmax(z)[0] == pytest.approx(1 - epsilon, rel=1e-12)
-    assert max_top_probability(num_keys, bound) == pytest.approx(1 - epsilon, rel=1e-12)
+    # 1 / (1 + (N-1) exp(-L)): 4 roundings + exp's ulp, plus L's <= 42 U64 * 30 absolute error
+    # times (1 - p) <= 0.6: < 1e-13.
+    assert max_top_probability(num_keys, bound) == pytest.approx(1 - epsilon, rel=1e-13)
 
 
 def test_logit_range_bound_against_random_softmax() -> None:
@@ -194,10 +222,12 @@ def test_logit_range_bound_against_random_softmax() -> None:
         z[:500, 0] += rng.uniform(0.0, 3 * bound, 500)  # some near-one-hot rows
         rng_z = z.max(-1) - z.min(-1)
         top = _softmax(z).max(-1)
+        # Slack 1e-12: softmax of <= 1024 terms is within N U64 ~ 1.1e-13 (worst case) of p.
         assert np.all(top <= [max_top_probability(num_keys, x) + 1e-12 for x in rng_z])
         assert np.all(top[rng_z < bound] < 1 - epsilon)
         reached = top >= 1 - epsilon
         assert reached.any()  # the check has teeth: some rows concentrate enough
+        # Slack 1e-12: range (one subtraction) and bound (three logs) are each within ~1e-14.
         assert np.all(rng_z[reached] >= bound - 1e-12)
         # Scaling a random configuration to range just below the bound never reaches 1 - eps.
         scaled = z / rng_z[:, None] * bound * (1 - 1e-9)
@@ -211,12 +241,18 @@ def test_logit_range_bound_monotone_and_edge_cases() -> None:
     eps = [1e-12, 1e-6, 1e-2, 0.3]
     values = [logit_range_bound(64, e) for e in eps]
     assert all(a > b for a, b in zip(values, values[1:], strict=False))
-    assert logit_range_bound(1025, 0.5) == pytest.approx(math.log(1024))
+    # log(1024) + log1p(-0.5) - log(0.5): the last two cancel up to their 1-ulp libm errors,
+    # two additions round by <= U64 * 6.93: < 5 U64 ~ 6e-16.
+    assert logit_range_bound(1025, 0.5) == pytest.approx(math.log(1024), rel=1e-15)
     # Tiny eps: log((N-1)(1-eps)/eps) evaluated without cancellation.
-    assert logit_range_bound(2, 1e-300) == pytest.approx(300 * math.log(10), rel=1e-14)
+    # log(1e-300) within 1 ulp (the literal's U64 shifts it by U64 only), 300 log(10) within
+    # 1 ulp + 1 rounding: <= 3 U64 ~ 3.3e-16.
+    assert logit_range_bound(2, 1e-300) == pytest.approx(300 * math.log(10), rel=1e-15)
     # Vacuous regime: uniform attention already gives 1/N >= 1 - eps.
     assert logit_range_bound(1, 0.1) == 0.0
     assert logit_range_bound(4, 0.8) == 0.0
+    # log 3 + log1p(-0.75) - log(0.75) = 0 up to 3 libm ulps and 2 roundings on values <= 1.39:
+    # <= 2.2e-16 * 3 + 1.1e-16 * 2 ~ 8.8e-16.
     assert logit_range_bound(4, 0.75) == pytest.approx(0.0, abs=1e-15)
     for bad in (0.0, 1.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match="epsilon"):
@@ -250,7 +286,7 @@ def test_cli_rho_json_and_init_std(
     argv = ["theory", "rho", "--single-width", "3840", "--gated-width", "2560"]
     assert cli.main([*argv, "--init-std", "0.02", "--hidden-size", "960", "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["nu"] == pytest.approx(NU)
+    assert payload["nu"] == pytest.approx(NU, rel=NU_FROM_INIT_REL)  # JSON round-trips exactly
     assert [r["gated_ffn"] for r in payload["results"]] == ["GEGLU", "SwiGLU"]
     assert [round(r["rho_zero"], 3) for r in payload["results"]] == [0.256, 0.216]
 
