@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from megatron_qk.diagnostics.ablation import TARGET_SE
+from megatron_qk.rundir.cli_args import add_checkpoint_argument
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +33,7 @@ ABLATION_MIN_SEQUENCES = 64
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the diagnose options."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="a run directory (newest checkpoint), its checkpoints/ dir, or one iter_XXXXXXX dir",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "--data",
         default=None,

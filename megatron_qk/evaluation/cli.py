@@ -20,15 +20,12 @@ import sys
 from pathlib import Path
 
 from megatron_qk.evaluation.suite import PAPER_SUITE
+from megatron_qk.rundir.cli_args import add_checkpoint_argument
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the eval options."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="run directory (newest checkpoint), its checkpoints/ or one iter_XXXXXXX directory",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "--tasks",
         default="paper",

@@ -20,14 +20,12 @@ import shutil
 import sys
 from pathlib import Path
 
+from megatron_qk.rundir.cli_args import add_checkpoint_argument
+
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the export options."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="run directory (newest checkpoint), its checkpoints/ or one iter_XXXXXXX directory",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "--step", type=int, default=None, help="export the checkpoint taken after this step"
     )
