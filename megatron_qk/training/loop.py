@@ -233,7 +233,6 @@ class Trainer:
         self.step += 1
         self.consumed_samples += t.global_batch_size
         elapsed = time.perf_counter() - start
-        tokens = t.global_batch_size * self.cfg.model.seq_length
         record = {
             "kind": "train",
             "step": self.step,
@@ -242,7 +241,6 @@ class Trainer:
             "loss": loss,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_second": tokens / elapsed,
             "step_seconds": elapsed,
         }
         record.update(self.throughput.fields(elapsed))  # tokens/s, TFLOP/s/GPU, MFU, memory
