@@ -45,6 +45,16 @@ def assert_paper_rule(rule) -> None:
     )
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI or torchrun child: this process's launcher variables removed
+    (the child sets up its own process group) and one thread per process (several share the
+    2 cores)."""
+    launcher = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU-marked tests run only in GPU mode with CUDA; the others only in CPU mode."""
     if GPU_MODE:

@@ -5,13 +5,12 @@ table end to end through torchrun."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_paper_rule
+from conftest import assert_paper_rule, subprocess_env
 
 from megatron_qk.config.loader import load_config
 
@@ -22,10 +21,7 @@ RECIPES = sorted(CONFIGS.rglob("*.yaml"))
 
 
 def _env(**extra: str) -> dict[str, str]:
-    launcher = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", **extra)
-    return env
+    return subprocess_env(PYTHON=sys.executable, **extra)
 
 
 def _script(name: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:

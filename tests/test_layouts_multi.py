@@ -15,12 +15,12 @@ step early on), so 1e-4 separates the two by two orders of magnitude either way.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 REL = 1e-4
 UPPER_QK = (
@@ -48,10 +48,7 @@ def _train(run_dir: Path, nproc: int, *overrides: str) -> subprocess.CompletedPr
         *overrides,
     ):
         cmd += ["--set", item]
-    launcher = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 

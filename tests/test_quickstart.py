@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 
 def _quickstart(out: Path, steps: int) -> subprocess.CompletedProcess:
-    launcher = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env["OMP_NUM_THREADS"] = "1"
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "megatron_qk.cli", "quickstart", "--out", str(out)]
     cmd += ["--steps", str(steps)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)

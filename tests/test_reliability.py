@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 from megatron_qk.config.loader import load_config
 from megatron_qk.data.indexed import write_indexed_dataset
@@ -41,10 +42,7 @@ def tiny(tmp_path: Path, *overrides: str, name: str = "run"):
 
 
 def _env() -> dict:
-    launcher = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return subprocess_env()
 
 
 # -- item 2: one training per run directory ---------------------------------------------------

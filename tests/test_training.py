@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import subprocess_env
 
 from megatron_qk.config.loader import load_config
 from megatron_qk.training.entry import train_from_config
@@ -118,7 +119,6 @@ def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
 
 
 def _cli_train(tmp_path: Path, name: str, nproc: int, *overrides: str) -> list[dict]:
-    import os
     import subprocess
     import sys
 
@@ -142,10 +142,7 @@ def _cli_train(tmp_path: Path, name: str, nproc: int, *overrides: str) -> list[d
     ]
     for item in overrides:
         cmd += ["--set", item]
-    launcher_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return read_metrics(run_dir)
 
