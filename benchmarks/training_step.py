@@ -59,7 +59,7 @@ def training_step(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_qk.models.params import annotate_param_roles
-    from megatron_qk.optim import build_optimizer
+    from megatron_qk.optim.param_groups import build_optimizer
     from megatron_qk.training.loop import _loss_func
     from megatron_qk.training.wrapping import attach_schedule_hooks, wrap_for_training
 

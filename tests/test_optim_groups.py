@@ -93,7 +93,7 @@ def test_first_step_update_is_multiplier_times_control(tmp_path, single_rank, di
 
 def test_group_collision_is_refused():
     """Two groups with the same checkpoint identity would swap state on load: refuse them."""
-    from megatron_qk.optim import check_group_identities
+    from megatron_qk.optim.param_groups import check_group_identities
 
     class Fake:
         param_groups = [

@@ -14,8 +14,9 @@ from megatron_qk.config.schema import (
     OptimConfig,
     TrainingConfig,
 )
-from megatron_qk.optim.release import ReleaseController, entropy_floor_penalty
+from megatron_qk.optim.release import ReleaseController
 from megatron_qk.optim.scheduler import RULE_KEY, build_scheduler
+from megatron_qk.training.losses import entropy_floor_penalty
 
 PLANNED = 1000  # steps; an evaluation every 5 steps is every 0.5% of training
 

@@ -529,10 +529,13 @@ class ExperimentConfig:
                 f"= {t.micro_batch_size} x {dp}",
             )
 
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step consumes: global batch size x sequence length."""
+        return self.training.global_batch_size * self.model.seq_length
+
     def planned_steps(self) -> int:
         """Planned optimizer steps (from train_steps or train_tokens, rounded up)."""
         t = self.training
         if t.train_steps is not None:
             return t.train_steps
-        tokens_per_step = t.global_batch_size * self.model.seq_length
-        return -(-t.train_tokens // tokens_per_step)
+        return -(-t.train_tokens // self.tokens_per_step())

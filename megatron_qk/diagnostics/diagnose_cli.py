@@ -182,7 +182,7 @@ def diagnose_checkpoint(
         "checkpoint": str(loaded.checkpoint),
         "step": loaded.step,
         "frac": loaded.step / cfg.planned_steps(),
-        "tokens": loaded.step * cfg.training.global_batch_size * cfg.model.seq_length,
+        "tokens": loaded.step * cfg.tokens_per_step(),
         "arm": cfg.arm,
         "seed": cfg.training.seed,
         "sequences": sum(int(b["tokens"].shape[0]) for b in batches),

@@ -5,7 +5,7 @@ Use::
     optimizer, scheduler = build_optimizer(cfg, model_chunks)   # collective
     ...optimizer.step(); scheduler.step(increment=cfg.training.global_batch_size)
     events = scheduler.pop_events()                              # forced/fixed releases
-    score = global_score(local_lower_copy)                       # collective, bit-identical
+    score = recorder.reduce(device)["lower_copy"]                # collective, bit-identical
     scheduler.observe_evaluation(step, score); scheduler.pop_events()   # maturity releases
     record.update({f"mult/{k}": v for k, v in scheduler.multipliers().items()})
     state = scheduler.state_dict()  /  scheduler.load_state_dict(state)
@@ -39,39 +39,3 @@ arithmetic on it, and a string cannot be mistaken for a live multiplier) plus ``
 which the scheduler uses to find the group. :func:`check_group_identities` runs at build time and
 refuses any optimizer whose groups share an identifier.
 """
-
-from megatron_qk.optim.param_groups import (
-    build_optimizer,
-    check_group_identities,
-    megatron_optimizer_config,
-    parse_layers,
-    rule_config_overrides,
-    rule_tag,
-    validate_rule_selection,
-)
-from megatron_qk.optim.release import (
-    ENTROPY_FLOOR_NAME,
-    ReleaseController,
-    ReleaseEvent,
-    entropy_floor_penalty,
-    global_score,
-)
-from megatron_qk.optim.scheduler import RULE_KEY, MultiplierScheduler, build_scheduler
-
-__all__ = [
-    "ENTROPY_FLOOR_NAME",
-    "RULE_KEY",
-    "MultiplierScheduler",
-    "ReleaseController",
-    "ReleaseEvent",
-    "build_optimizer",
-    "build_scheduler",
-    "check_group_identities",
-    "entropy_floor_penalty",
-    "global_score",
-    "megatron_optimizer_config",
-    "parse_layers",
-    "rule_config_overrides",
-    "rule_tag",
-    "validate_rule_selection",
-]

@@ -32,8 +32,8 @@ Steps are *completed optimizer steps* (the ``step`` column of metrics.jsonl); ``
 
 Determinism across ranks: step-driven decisions (forced, fixed) depend only on the step count.
 Maturity depends on the score, so every rank must pass the *same* score: callers pass a
-globally-reduced value, e.g. from :func:`global_score`, which all-reduces and then broadcasts
-from rank 0 so the value is bit-identical everywhere.
+globally-reduced value (``AttentionRecorder.reduce`` all-reduces and then broadcasts from rank 0,
+so the value is bit-identical everywhere).
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
-
-import torch
 
 if TYPE_CHECKING:
     from megatron_qk.config.schema import EntropyFloorConfig, MultiplierRuleConfig
@@ -336,58 +334,3 @@ class ReleaseController:
         self.last_observed_step = state["last_observed_step"]
         # Absent in checkpoints written before the score was recorded.
         self.last_score = state.get("last_score")
-
-
-def entropy_floor_penalty(upper_entropy: torch.Tensor, h0: float, weight: float) -> torch.Tensor:
-    """The entropy-floor term ``weight * max(0, h0 - H_upper)`` (Appendix D).
-
-    Args:
-        upper_entropy: differentiable mean upper-half attention entropy (normalised to [0, 1]).
-        h0: the floor (paper: 0.8).
-        weight: ``lam * controller.factor(step)``, from
-            ``MultiplierScheduler.entropy_floor_weight()``.
-    """
-    return weight * torch.clamp(h0 - upper_entropy, min=0.0)
-
-
-def global_score(
-    local: float | None, weight: float = 1.0, group: torch.distributed.ProcessGroup | None = None
-) -> float:
-    """Weighted mean of the ranks' local scores, bit-identical on every rank (collective).
-
-    Ranks that did not compute the score (e.g. pipeline stages without lower layers) pass
-    ``None`` and contribute nothing. The weight lets ranks holding different shares (heads on
-    TP ranks, positions) combine into the global mean; DP replicas that computed the same value
-    simply average to it. After the all-reduce the result is broadcast from the group's first
-    rank, so the release decision cannot differ by a rounding difference between ranks.
-
-    Args:
-        local: this rank's score, or None.
-        weight: this rank's weight (ignored when ``local`` is None).
-        group: process group (default: the world).
-
-    Returns:
-        The global score (NaN if a contributing rank passed NaN).
-
-    Raises:
-        RuntimeError: when no rank passed a score.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        if local is None:
-            raise RuntimeError("global_score: no score given (single process)")
-        return float(local)
-    device = torch.device("cpu")
-    if dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    if local is None:
-        buf = torch.zeros(2, dtype=torch.float64, device=device)
-    else:
-        buf = torch.tensor([float(local) * weight, weight], dtype=torch.float64, device=device)
-    dist.all_reduce(buf, group=group)
-    src = 0 if group is None else dist.get_global_rank(group, 0)
-    dist.broadcast(buf, src=src, group=group)
-    total, count = buf.tolist()
-    if count == 0:
-        raise RuntimeError("global_score: no rank passed a score")
-    return total / count

@@ -128,9 +128,9 @@ class MultiplierScheduler(OptimizerParamScheduler):
         """Feed the lower-copy score of the evaluation taken after ``step`` optimizer steps.
 
         ``lower_copy_uniform`` is the score's uniform-attention baseline on the same positions
-        (needed by ``over_uniform`` rules). Both must be the same on every rank (use
-        :func:`megatron_qk.optim.release.global_score`). A release with no ramp takes effect
-        for the very next update. The new events are also queued for :meth:`pop_events`; log
+        (needed by ``over_uniform`` rules). Both must be the same on every rank (as
+        ``AttentionRecorder.reduce`` returns them). A release with no ramp takes effect for the
+        very next update. The new events are also queued for :meth:`pop_events`; log
         only what ``pop_events`` returns so nothing is written twice.
 
         Raises:

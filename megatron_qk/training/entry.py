@@ -121,9 +121,7 @@ def dry_run(cfg: ExperimentConfig) -> dict:
         "parameters": counts,
         "expected_parameters": expected,
         "planned_steps": cfg.planned_steps(),
-        "planned_tokens": cfg.planned_steps()
-        * cfg.training.global_batch_size
-        * cfg.model.seq_length,
+        "planned_tokens": cfg.planned_steps() * cfg.tokens_per_step(),
         # Every step an uninterrupted run saves a checkpoint at (interval, save_at_fracs, end).
         "checkpoint_steps": planned_checkpoint_steps(cfg),
         "end_step": end_step(cfg),

@@ -22,12 +22,12 @@ import torch
 from megatron_qk.config.loader import config_to_dict
 from megatron_qk.config.schema import ConfigError, ExperimentConfig
 from megatron_qk.diagnostics.recorder import AttentionRecorder
-from megatron_qk.optim.release import entropy_floor_penalty
 from megatron_qk.training import checkpoint as ckpt
 from megatron_qk.training import checkpoint_plan
 from megatron_qk.training.data import build_datasets, held_out_micro_batches, micro_batches
 from megatron_qk.training.data_order import data_order_hash
 from megatron_qk.training.distributed import ParallelInfo
+from megatron_qk.training.losses import entropy_floor_penalty
 from megatron_qk.training.run_dir import check_resume_compatible, write_config, write_summary
 from megatron_qk.training.run_identity import claim_run_dir
 from megatron_qk.training.sinks import MetricsSinks, ProgressBar, truncate_metrics
@@ -104,7 +104,7 @@ class Trainer:
 
         from megatron_qk.models.builder import build_gpt_model, transformer_config_from
         from megatron_qk.models.params import annotate_param_roles
-        from megatron_qk.optim import build_optimizer
+        from megatron_qk.optim.param_groups import build_optimizer
         from megatron_qk.training.wrapping import attach_schedule_hooks, wrap_for_training
 
         self.cfg, self.info = cfg, info

@@ -23,7 +23,7 @@ class ThroughputMeter:
     """Turns a step's wall time into the throughput fields of its train line."""
 
     def __init__(self, cfg: ExperimentConfig, padded_vocab_size: int, world_size: int):
-        self.tokens_per_step = cfg.training.global_batch_size * cfg.model.seq_length
+        self.tokens_per_step = cfg.tokens_per_step()
         self.flops_per_token = flops_per_token(cfg.model, padded_vocab_size)
         self.world_size = world_size
         self.peak_tflops = cfg.logging.peak_tflops_per_gpu
