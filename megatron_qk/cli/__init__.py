@@ -41,7 +41,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "readout": (
         "megatron_qk.analysis.readout",
-        "the paper's @3%/@20% readout columns, per-table views and Figure 2 from run directories",
+        "the paper's @3%%/@20%% readout columns, per-table views and Figure 2 from run directories",
     ),
 }
 
