@@ -24,16 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ARMS = ("control", "intervention")
-# The paper's rule with its threshold stated relative to the uniform-attention baseline: at
-# sequence length 128 uniform attention already scores ~0.022 (four times the paper's absolute
-# 0.005, calibrated at 1024), so the absolute threshold would be met at step 0. 1.3 is the
-# paper's 0.005 over the baseline at 1024 measured on this corpus (docs/MINI_STUDY.md).
-INTERVENTION = (
-    "optim.rules=[{name: upper_qk, layers: upper_half, roles: [q, k], multiplier: 0.25, "
-    "release: maturity, threshold_mode: over_uniform, threshold_ratio: 1.3, patience: 3, "
-    "min_frac: 0.03, max_frac: 0.12, ramp_frac: 0.01}]"
-)
+# The recipe (a preset, megatron_qk/config/presets/) of each arm.
+ARM_PRESETS = {"control": "quickstart", "intervention": "quickstart-intervention"}
+ARMS = tuple(ARM_PRESETS)
 STAGES = ("corpus", "preprocess", "train control", "train intervention", "diagnose", "report")
 
 
@@ -105,15 +98,12 @@ def _train(out: Path, prefix: str, arm: str, args: argparse.Namespace) -> Path:
     overrides = [
         f"training.output_dir={run_dir}",
         f"training.seed={args.seed}",
-        f"arm={arm}",
         f"data.train_prefixes=[{prefix}_text_document]",
         f"data.valid_prefixes=[{prefix}_valid_text_document]",
     ]
     if args.steps is not None:
         overrides.append(f"training.train_steps={args.steps}")
-    if arm == "intervention":
-        overrides.append(INTERVENTION)
-    cmd = [sys.executable, "-m", "megatron_qk.cli", "train", "quickstart"]
+    cmd = [sys.executable, "-m", "megatron_qk.cli", "train", ARM_PRESETS[arm]]
     cmd += ["--nproc-per-node", str(args.nproc), "--set", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):

@@ -31,10 +31,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from megatron_qk.analysis.replay_format import format_aggregate, format_report
+from megatron_qk.config.release import PAPER_RELEASE
 from megatron_qk.optim.release import ENTROPY_FLOOR_NAME, ReleaseController, ReleaseEvent
 from megatron_qk.training.sinks import read_metrics
 
-PAPER_DEFAULTS = {"threshold": 0.005, "patience": 3, "min_frac": 0.03, "max_frac": 0.12}
+PAPER_DEFAULTS = {
+    k: getattr(PAPER_RELEASE, k) for k in ("threshold", "patience", "min_frac", "max_frac")
+}
 DEFAULT_RULE = "upper_qk"
 # The paper's Table 8 variants, each changing one setting of the main rule. They are relative
 # so that they stay "nearby" for any main rule; for the paper's rule (0.005 / 3 / 3-12%) they

@@ -14,15 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-
-class ConfigError(ValueError):
-    """A recipe is invalid. ``path`` is the dotted YAML path of the offending key."""
-
-    def __init__(self, path: str, message: str):
-        self.path = path
-        self.message = message
-        super().__init__(f"{path}: {message}" if path else message)
-
+from megatron_qk.config.errors import ConfigError
+from megatron_qk.config.release import ReleaseConfig
 
 FFN_VARIANTS = ("gelu", "swiglu", "geglu")
 NORM_VARIANTS = ("layernorm", "rmsnorm")
@@ -145,8 +138,12 @@ class ParallelConfig:
 
 
 @dataclass
-class MultiplierRuleConfig:
-    """One named learning-rate multiplier rule (the paper's intervention is one such rule)."""
+class MultiplierRuleConfig(ReleaseConfig):
+    """One named learning-rate multiplier rule (the paper's intervention is one such rule).
+
+    Released by the maturity rule of :class:`ReleaseConfig` (``release: maturity``), at a fixed
+    fraction, or never.
+    """
 
     # Rule name; appears as ``mult/<name>`` in metrics.jsonl.
     name: str = "upper_qk"
@@ -158,12 +155,7 @@ class MultiplierRuleConfig:
     multiplier: float = 0.25
     # Release policy: maturity (lower-copy score), fixed (at ``release_frac``), never.
     release: Literal["maturity", "fixed", "never"] = "maturity"
-    # Maturity rule: lower-copy score >= threshold for ``patience`` consecutive evaluations inside
-    # [min_frac, max_frac]; forced at max_frac.
-    threshold: float = 0.005
-    patience: int = 3
-    min_frac: float = 0.03
-    max_frac: float = 0.12
+    # (The maturity rule's fields, threshold ... threshold_ratio, come from ReleaseConfig.)
     # Fixed release point (fraction of planned training steps), for release: fixed.
     release_frac: float | None = None
     # Linear ramp from the multiplier back to 1.0 over this fraction of total steps.
@@ -171,12 +163,6 @@ class MultiplierRuleConfig:
     # Also slow the biases of the selected linear layers (roles q k v o fc1 fc2). The paper
     # slows "W_Q and W_K", the weights, so the default leaves their biases at the full rate.
     biases: bool = False
-    # Maturity score: "absolute" compares the lower-copy score with ``threshold`` (the paper's,
-    # calibrated at sequence length 1024); "over_uniform" compares lower_copy / lower_copy_uniform
-    # (its value under uniform causal attention on the same positions) with ``threshold_ratio``,
-    # which means the same at any sequence length.
-    threshold_mode: Literal["absolute", "over_uniform"] = "absolute"
-    threshold_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
@@ -186,10 +172,7 @@ class MultiplierRuleConfig:
         bad = sorted(set(self.roles) - set(PARAM_ROLES))
         if not self.roles or bad:
             raise ConfigError("roles", f"unknown roles {bad}; choose from {list(PARAM_ROLES)}")
-        if self.patience < 1:
-            raise ConfigError("patience", f"must be >= 1, got {self.patience}")
-        if not 0.0 <= self.min_frac <= self.max_frac <= 1.0:
-            raise ConfigError("min_frac", "need 0 <= min_frac <= max_frac <= 1")
+        self.check_release()
         if not 0.0 <= self.ramp_frac <= 1.0:
             raise ConfigError("ramp_frac", f"must be in [0, 1], got {self.ramp_frac}")
         if self.release == "fixed":
@@ -197,41 +180,30 @@ class MultiplierRuleConfig:
                 raise ConfigError("release_frac", "release: fixed needs release_frac in [0, 1]")
         elif self.release_frac is not None:
             raise ConfigError("release_frac", f"only used with release: fixed ({self.release})")
-        _check_threshold_mode(self.threshold_mode, self.threshold_ratio)
-
-
-def _check_threshold_mode(mode: str, ratio: float | None) -> None:
-    if mode not in ("absolute", "over_uniform"):
-        raise ConfigError("threshold_mode", f"must be absolute or over_uniform, got {mode!r}")
-    if mode == "over_uniform" and (ratio is None or not ratio > 0):
-        raise ConfigError(
-            "threshold_ratio", f"threshold_mode over_uniform needs a ratio > 0 ({ratio})"
-        )
-    if mode == "absolute" and ratio is not None:
-        raise ConfigError("threshold_ratio", "only used with threshold_mode: over_uniform")
 
 
 PARAM_ROLES = ("q", "k", "v", "o", "fc1", "fc2", "norm")
 
 
 @dataclass
-class EntropyFloorConfig:
-    """Entropy-floor control: add ``lam * max(0, h0 - H_upper)`` during the early window."""
+class EntropyFloorConfig(ReleaseConfig):
+    """Entropy-floor control: add ``lam * max(0, h0 - H_upper)`` during the early window.
+
+    Released by the same maturity rule as the multiplier rules (:class:`ReleaseConfig`).
+    """
 
     enabled: bool = False
     h0: float = 0.8
     lam: float = 0.1
-    # Released by the same maturity rule as the multiplier rules.
-    threshold: float = 0.005
-    patience: int = 3
-    min_frac: float = 0.03
-    max_frac: float = 0.12
-    # As for the multiplier rules: absolute threshold, or a ratio over the uniform baseline.
-    threshold_mode: Literal["absolute", "over_uniform"] = "absolute"
-    threshold_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        _check_threshold_mode(self.threshold_mode, self.threshold_ratio)
+        if not self.enabled:
+            # A disabled floor's values are never used; only their spelling is checked.
+            self.check_threshold_mode()
+            return
+        self.check_release()
+        if self.lam < 0:
+            raise ConfigError("lam", f"must be >= 0, got {self.lam}")
 
 
 @dataclass

@@ -42,6 +42,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
 
+from megatron_qk.config.release import PAPER_RELEASE
+
 if TYPE_CHECKING:
     from megatron_qk.config.schema import EntropyFloorConfig, MultiplierRuleConfig
 
@@ -108,10 +110,10 @@ class ReleaseController:
         planned_steps: int,
         hold_value: float,
         final_value: float = 1.0,
-        threshold: float = 0.005,
-        patience: int = 3,
-        min_frac: float = 0.03,
-        max_frac: float = 0.12,
+        threshold: float = PAPER_RELEASE.threshold,
+        patience: int = PAPER_RELEASE.patience,
+        min_frac: float = PAPER_RELEASE.min_frac,
+        max_frac: float = PAPER_RELEASE.max_frac,
         release_frac: float | None = None,
         ramp_frac: float = DEFAULT_RAMP_FRAC,
         threshold_mode: ThresholdMode = "absolute",
