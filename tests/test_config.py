@@ -6,13 +6,13 @@ import pytest
 import yaml
 from conftest import assert_paper_rule
 
+from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.loader import (
     dump_config,
     list_presets,
     load_config,
     load_resolved_config,
 )
-from megatron_qk.config.schema import ConfigError
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:

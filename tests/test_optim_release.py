@@ -7,13 +7,9 @@ import math
 
 import pytest
 
-from megatron_qk.config.schema import (
-    EntropyFloorConfig,
-    ExperimentConfig,
-    MultiplierRuleConfig,
-    OptimConfig,
-    TrainingConfig,
-)
+from megatron_qk.config.optim import EntropyFloorConfig, MultiplierRuleConfig, OptimConfig
+from megatron_qk.config.schema import ExperimentConfig
+from megatron_qk.config.training import TrainingConfig
 from megatron_qk.optim.release import ReleaseController
 from megatron_qk.optim.scheduler import RULE_KEY, build_scheduler
 from megatron_qk.training.losses import entropy_floor_penalty
@@ -172,7 +168,7 @@ def test_threshold_mode_is_validated():
         _paper_rule(threshold_mode="over_uniform")
     with pytest.raises(ValueError, match="threshold_mode"):
         _paper_rule(threshold_mode="relative")
-    from megatron_qk.config.schema import ConfigError
+    from megatron_qk.config.errors import ConfigError
 
     with pytest.raises(ConfigError, match="threshold_ratio"):
         MultiplierRuleConfig(threshold_mode="over_uniform")

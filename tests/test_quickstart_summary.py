@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from megatron_qk.config.loader import dump_config, load_config
-from megatron_qk.config.schema import MultiplierRuleConfig
+from megatron_qk.config.optim import MultiplierRuleConfig
 from megatron_qk.quickstart_summary import signature_lines
 
 RULE = MultiplierRuleConfig(threshold_mode="over_uniform", threshold_ratio=1.3)

@@ -11,8 +11,8 @@ import pytest
 from data_fixtures import megatron_reference
 from security_payloads import TouchMarker
 
+from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.loader import load_config
-from megatron_qk.config.schema import ConfigError
 from megatron_qk.training.data_cache import check_cached_array, prepare_cache_dir
 
 

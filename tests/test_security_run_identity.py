@@ -7,8 +7,8 @@ import os
 
 import pytest
 
+from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.loader import load_config
-from megatron_qk.config.schema import ConfigError
 from megatron_qk.rundir.identity import (
     IDENTITY_FILE,
     check_run_identity,

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
+from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.loader import load_config
-from megatron_qk.config.schema import ConfigError
 from megatron_qk.models.builder import padded_vocab_size
 from megatron_qk.models.flops import flops_per_token, throughput_fields
 

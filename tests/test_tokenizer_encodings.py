@@ -19,8 +19,8 @@ from data_fixtures import (
     write_tiktoken_file,
 )
 
+from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.loader import load_config
-from megatron_qk.config.schema import ConfigError
 from megatron_qk.data import tokenizer as tok
 
 # tiktoken's published <|endoftext|> ids (tiktoken_ext/openai_public.py).

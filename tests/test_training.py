@@ -86,7 +86,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
 
 
 def test_resume_refuses_a_different_recipe(tmp_path):
-    from megatron_qk.config.schema import ConfigError
+    from megatron_qk.config.errors import ConfigError
 
     train_from_config(tiny(tmp_path, "r", "training.exit_after_steps=2"))
     with pytest.raises(ConfigError, match="optim.lr"):
@@ -268,7 +268,7 @@ def test_trains_on_megatron_indexed_dataset(tmp_path):
 
 
 def test_split_with_an_empty_share_is_refused(tmp_path):
-    from megatron_qk.config.schema import ConfigError
+    from megatron_qk.config.errors import ConfigError
 
     prefix = _preprocessed_prefix(tmp_path, 5)
     cfg = tiny(

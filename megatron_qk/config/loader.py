@@ -20,7 +20,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from megatron_qk.config.schema import ConfigError, ExperimentConfig
+from megatron_qk.config.errors import ConfigError
+from megatron_qk.config.schema import ExperimentConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 

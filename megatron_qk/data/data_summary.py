@@ -9,7 +9,8 @@ import json
 import re
 from pathlib import Path
 
-from megatron_qk.config.schema import ConfigError, ExperimentConfig
+from megatron_qk.config.errors import ConfigError
+from megatron_qk.config.schema import ExperimentConfig
 
 
 def data_summary_paths(cfg: ExperimentConfig) -> list[Path]:

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         from megatron_qk.evaluation.suite import set_offline_env
 
         set_offline_env()  # before datasets / huggingface_hub are imported
-    from megatron_qk.config.schema import ConfigError
+    from megatron_qk.config.errors import ConfigError
     from megatron_qk.data.tokenizer import TokenizerError
     from megatron_qk.evaluation.suite import (
         EvalError,

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_qk.config.schema import ExperimentConfig, ModelConfig
+from megatron_qk.config.model import ModelConfig
+from megatron_qk.config.schema import ExperimentConfig
 from megatron_qk.models.split_qkv import fused_qkv_to_split, split_qkv_to_fused
 
 

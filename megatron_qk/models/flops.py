@@ -17,7 +17,7 @@ the worked 270M example.
 
 from __future__ import annotations
 
-from megatron_qk.config.schema import ModelConfig
+from megatron_qk.config.model import ModelConfig
 
 #: NVIDIA H100 SXM / H200 SXM dense BF16 tensor-core peak (no sparsity), TFLOP/s.
 H100_BF16_DENSE_TFLOPS = 989.0

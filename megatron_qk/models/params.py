@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_qk.config.schema import ModelConfig
+from megatron_qk.config.model import ModelConfig
 
 ROLES = ("q", "k", "v", "qkv", "o", "fc1", "fc2", "norm", "embedding", "output", "final_norm")
 

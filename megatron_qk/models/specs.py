@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from megatron_qk.config.schema import ModelConfig
+from megatron_qk.config.model import ModelConfig
 from megatron_qk.diagnostics.capture import capturing_core_attention
 from megatron_qk.models.split_qkv import SplitQKVLinear
 

@@ -31,11 +31,12 @@ from megatron.core.optimizer import (
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
-from megatron_qk.config.schema import ConfigError
+from megatron_qk.config.optim import explicit_layers
 from megatron_qk.optim.scheduler import RULE_KEY, MultiplierScheduler, build_scheduler
 
 if TYPE_CHECKING:
-    from megatron_qk.config.schema import ExperimentConfig, MultiplierRuleConfig
+    from megatron_qk.config.optim import MultiplierRuleConfig
+    from megatron_qk.config.schema import ExperimentConfig
 
 TAG_PREFIX = "mqk_rule:"
 LAYER_ATTR = "mqk_layer_number"
@@ -67,22 +68,7 @@ def parse_layers(spec: str, num_layers: int, where: str = "layers") -> frozenset
         return frozenset(n for n in range(1, num_layers + 1) if n <= num_layers / 2)
     if spec == "all":
         return frozenset(range(1, num_layers + 1))
-    layers: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        lo_s, sep, hi_s = part.partition("-")
-        try:
-            lo = int(lo_s)
-            hi = int(hi_s) if sep else lo
-        except ValueError:
-            raise ConfigError(
-                where,
-                f"{spec!r}: expected upper_half, lower_half, all or 1-based ranges like '11-20,3'",
-            ) from None
-        if not 1 <= lo <= hi <= num_layers:
-            raise ConfigError(where, f"{spec!r}: {part!r} is outside layers 1..{num_layers}")
-        layers.update(range(lo, hi + 1))
-    return frozenset(layers)
+    return explicit_layers(spec, num_layers, where)
 
 
 # Roles whose 1-D parameters are linear-layer biases (a norm's 1-D parameters are its weights).

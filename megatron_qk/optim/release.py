@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Literal
 from megatron_qk.config.release import PAPER_RELEASE
 
 if TYPE_CHECKING:
-    from megatron_qk.config.schema import EntropyFloorConfig, MultiplierRuleConfig
+    from megatron_qk.config.optim import EntropyFloorConfig, MultiplierRuleConfig
 
 Policy = Literal["maturity", "fixed", "never"]
 ThresholdMode = Literal["absolute", "over_uniform"]

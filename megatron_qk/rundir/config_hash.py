@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--state":
         print(run_state(Path(argv[1])))
         return 0
-    from megatron_qk.config.schema import ConfigError
+    from megatron_qk.config.errors import ConfigError
 
     try:
         print(recipe_hash(argv[0], argv[1:]))

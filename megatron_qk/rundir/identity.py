@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megatron_qk.config.schema import ConfigError
+from megatron_qk.config.errors import ConfigError
 from megatron_qk.rundir.config_hash import hash_config
 
 IDENTITY_FILE = "run_identity.json"

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_qk.config.schema import ConfigError, ExperimentConfig
+from megatron_qk.config.errors import ConfigError
+from megatron_qk.config.schema import ExperimentConfig
 from megatron_qk.data.tokenizer import EOD_TOKEN_ID
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_qk.config.schema import ConfigError
+from megatron_qk.config.errors import ConfigError
 
 
 def private_cache_root() -> Path:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.loader import config_to_dict
-from megatron_qk.config.schema import ConfigError, ExperimentConfig
+from megatron_qk.config.schema import ExperimentConfig
 from megatron_qk.diagnostics.recorder import AttentionRecorder
 from megatron_qk.training import checkpoint as ckpt
 from megatron_qk.training import checkpoint_plan

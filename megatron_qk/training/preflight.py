@@ -13,7 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from megatron_qk.config.schema import ConfigError, ExperimentConfig
+from megatron_qk.config.errors import ConfigError
+from megatron_qk.config.schema import ExperimentConfig
 
 
 class PreflightError(ConfigError):
@@ -56,21 +57,13 @@ def check_writable_dir(path: str, key: str) -> ConfigError | None:
     return None
 
 
-def _rule_problems(cfg: ExperimentConfig) -> list[ConfigError]:
-    from megatron_qk.optim.param_groups import parse_layers
-
-    problems = []
-    for i, rule in enumerate(cfg.optim.rules):
-        try:
-            parse_layers(rule.layers, cfg.model.num_layers, f"optim.rules[{i}].layers")
-        except ConfigError as exc:
-            problems.append(exc)
+def _floor_problems(cfg: ExperimentConfig) -> list[ConfigError]:
     floor = cfg.optim.entropy_floor
     # Not a check of EntropyFloorConfig itself: the library accepts any h0 (h0 above 1, over
     # every normalised entropy, keeps the floor always active), a launched recipe must not.
     if floor.enabled and not 0.0 <= floor.h0 <= 1.0:
-        problems.append(ConfigError("optim.entropy_floor.h0", f"must be in [0, 1], got {floor.h0}"))
-    return problems
+        return [ConfigError("optim.entropy_floor.h0", f"must be in [0, 1], got {floor.h0}")]
+    return []
 
 
 def _data_problems(cfg: ExperimentConfig, scan_tokens: bool) -> list[ConfigError]:
@@ -189,7 +182,7 @@ def preflight(
         cfg.validate_world(world_size)
     except ConfigError as exc:
         problems.append(exc)
-    problems += _rule_problems(cfg)
+    problems += _floor_problems(cfg)
     if check_data:
         problems += _data_problems(cfg, scan_tokens)
     problems += _environment_problems(cfg, check_device)

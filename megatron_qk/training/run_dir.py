@@ -11,8 +11,9 @@ from pathlib import Path
 
 import yaml
 
+from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.loader import config_to_dict, dump_config
-from megatron_qk.config.schema import ConfigError, ExperimentConfig
+from megatron_qk.config.schema import ExperimentConfig
 from megatron_qk.rundir.config_hash import flatten_config
 
 # Keys that may differ between the first launch of a run and a resume.

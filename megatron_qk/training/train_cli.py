@@ -83,8 +83,8 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, then train (or dry-run) in-process or via torchrun."""
+    from megatron_qk.config.errors import ConfigError
     from megatron_qk.config.loader import load_config
-    from megatron_qk.config.schema import ConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
