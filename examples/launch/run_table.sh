@@ -8,7 +8,7 @@
 # runs/<table>/<group>/<arm>-s<seed>; finished runs (and runs stopped on purpose by
 # training.stop_at_frac, e.g. Table 5) are skipped and interrupted ones resume. A run whose
 # resolved config is identical to one already trained for another table (content hash, see
-# megatron_qk/rundir/config_hash.py; e.g. the GPT-style seed-1 control) is linked, not retrained.
+# megatron_qk/config/identity.py; e.g. the GPT-style seed-1 control) is linked, not retrained.
 # Tables with an `eval_tasks` file (Table 1 -> Table 2) run `megatron-qk eval` after training.
 # Environment:
 #   TABLE     table directory name or path (required), e.g. table1_gpt270m, table3_components
@@ -55,7 +55,7 @@ print("   {:,} parameters, {} steps, {:,} tokens".format(
   for seed in "${seeds[@]}"; do
     out="$RUNS_DIR/$name/$group/$arm-s$seed"
     out="${out//\/.\//\/}"
-    hash="$("$PYTHON" -m megatron_qk.rundir.config_hash "$recipe" "training.seed=$seed" "$@")"
+    hash="$("$PYTHON" -m megatron_qk.config.identity "$recipe" "training.seed=$seed" "$@")"
     index="$RUNS_DIR/.by_config/$hash"
     source_run=""
     if [ -f "$index" ]; then source_run="$(cat "$index")"; fi

@@ -1,4 +1,5 @@
-"""The one error type of recipe problems, shared by every config section and the loader."""
+"""What every config section shares: the error type of recipe problems and the field marker of
+keys outside a run's identity."""
 
 from __future__ import annotations
 
@@ -10,3 +11,9 @@ class ConfigError(ValueError):
         self.path = path
         self.message = message
         super().__init__(f"{path}: {message}" if path else message)
+
+
+# Field metadata of a recipe key that does not define the run (a label, a location, logging,
+# resume bookkeeping): two recipes that differ only in such keys train the same model.
+# :func:`megatron_qk.config.identity.identity_excluded_keys` collects them.
+NOT_IDENTITY = {"identity": False}

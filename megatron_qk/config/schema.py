@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_qk.config.data import DataConfig
-from megatron_qk.config.errors import ConfigError
+from megatron_qk.config.errors import NOT_IDENTITY, ConfigError
 from megatron_qk.config.model import ModelConfig, ParallelConfig
 from megatron_qk.config.optim import LAYER_KEYWORDS, OptimConfig, explicit_layers
 from megatron_qk.config.training import DiagnosticsConfig, LoggingConfig, TrainingConfig
@@ -28,7 +28,7 @@ class ExperimentConfig:
     """A whole recipe."""
 
     # Recipe name (free text, recorded in summary.json).
-    name: str = "default"
+    name: str = field(default="default", metadata=NOT_IDENTITY)
     # Arm label used by ``megatron-qk compare`` to group runs (e.g. control, intervention).
     arm: str = "control"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -36,7 +36,8 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Where metrics go besides metrics.jsonl: not part of the run identity.
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=NOT_IDENTITY)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def __post_init__(self) -> None:

@@ -6,12 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megatron_qk.config.errors import ConfigError
+from megatron_qk.config.errors import NOT_IDENTITY, ConfigError
 
 
 @dataclass
 class TrainingConfig:
-    """Run length, batch geometry, evaluation, checkpointing."""
+    """Run length, batch geometry, evaluation, checkpointing.
+
+    Fields marked ``NOT_IDENTITY`` (where the run lives, how it is chunked, logged and which
+    checkpoints are kept) do not change the trained model: they are left out of the run's
+    identity hash (:mod:`megatron_qk.config.identity`).
+    """
 
     # Global batch in sequences (paper: 512 x 1024 = 524,288 tokens).
     global_batch_size: int = 8
@@ -25,19 +30,19 @@ class TrainingConfig:
     # Validation batches (of global_batch_size sequences) per evaluation.
     eval_iters: int = 2
     # Save a checkpoint every N steps (0: only at the end).
-    save_interval: int = 0
+    save_interval: int = field(default=0, metadata=NOT_IDENTITY)
     # Random seed (model init, data order, dropout).
     seed: int = 1234
     # Numeric precision: auto = bf16 on GPU, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Run directory (config.yaml, metrics.jsonl, checkpoints/, tensorboard/, summary.json).
-    output_dir: str = "runs/default"
+    output_dir: str = field(default="runs/default", metadata=NOT_IDENTITY)
     # Resume from the latest checkpoint in output_dir/checkpoints when one exists.
-    resume: bool = True
+    resume: bool = field(default=True, metadata=NOT_IDENTITY)
     # Stop after this many steps in this invocation (for chunked jobs); null = run to the end.
-    exit_after_steps: int | None = None
+    exit_after_steps: int | None = field(default=None, metadata=NOT_IDENTITY)
     # Log a train line every N steps.
-    log_interval: int = 1
+    log_interval: int = field(default=1, metadata=NOT_IDENTITY)
     # Write a torch.profiler trace of these optimizer steps [first, last] (1-based, inclusive)
     # to <output_dir>/profile/; null = no profiling.
     profile_steps: list[int] | None = None
@@ -46,7 +51,7 @@ class TrainingConfig:
     # Extra checkpoints at these fractions of the planned steps (each rounded to the nearest
     # step, at least 1), e.g. [0.03, 0.2] for the paper's 3% and 20% readouts. Written once and
     # never removed by ``keep_interval_checkpoints``.
-    save_at_fracs: list[float] = field(default_factory=list)
+    save_at_fracs: list[float] = field(default_factory=list, metadata=NOT_IDENTITY)
     # Seed of the training sample order and of the validation subset. Independent of ``seed``
     # (initialisation, dropout) so every seed of a recipe reads the same data in the same order
     # (paper, Appendix H: "All runs use the same data order").
@@ -57,7 +62,7 @@ class TrainingConfig:
     stop_at_frac: float | None = None
     # Keep only the newest N interval checkpoints (0 = keep all). Checkpoints at
     # ``save_at_fracs`` and the final one are never removed.
-    keep_interval_checkpoints: int = 0
+    keep_interval_checkpoints: int = field(default=0, metadata=NOT_IDENTITY)
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "micro_batch_size", "eval_iters", "log_interval"):
