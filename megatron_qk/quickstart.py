@@ -1,4 +1,6 @@
-"""``megatron-qk quickstart``: the paper's experiment end to end, offline, on a 2-core CPU.
+"""The quickstart: the paper's experiment end to end, offline, on a 2-core CPU.
+
+``megatron-qk quickstart`` (:mod:`megatron_qk.cli.quickstart`) runs :func:`run_quickstart`.
 
 Stages (each one is skipped when its output exists, so a rerun resumes where it stopped):
 
@@ -24,37 +26,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
+from megatron_qk.analysis.diagnose import DEFAULT_OUT_NAME, diagnose_checkpoints
+from megatron_qk.data.pipeline import PreprocessConfig, preprocess
+from megatron_qk.data.python_docs import write_python_docs_corpus
+from megatron_qk.data.readers import HubDataset
+from megatron_qk.quickstart_report import write_report
+from megatron_qk.training.checkpoint import list_checkpoints
+from megatron_qk.training.distributed import teardown_distributed
+
 # The recipe (a preset, megatron_qk/config/presets/) of each arm.
 ARM_PRESETS = {"control": "quickstart", "intervention": "quickstart-intervention"}
 ARMS = tuple(ARM_PRESETS)
 STAGES = ("corpus", "preprocess", "train control", "train intervention", "diagnose", "report")
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the quickstart options."""
-    parser.add_argument("--out", default="quickstart-out", help="output directory")
-    parser.add_argument(
-        "--steps", type=int, default=None, help="training steps per arm (default: the preset's)"
-    )
-    parser.add_argument(
-        "--data",
-        choices=("python-docs", "fineweb-edu"),
-        default="python-docs",
-        help="python-docs: offline, Python's own documentation; fineweb-edu: a hub sample",
-    )
-    parser.add_argument(
-        "--fineweb-docs", type=int, default=20000, help="documents taken with --data fineweb-edu"
-    )
-    parser.add_argument("--nproc", type=int, default=2, help="processes per training run")
-    parser.add_argument("--seed", type=int, default=1, help="training seed of both arms")
-
-
 def _corpus(out: Path, args: argparse.Namespace) -> tuple[list[str], dict]:
     """Stage 1: the input files of the preprocessing stage and a description."""
     if args.data == "fineweb-edu":
         return [], {"source": "HuggingFaceFW/fineweb-edu sample-10BT", "documents": None}
-    from megatron_qk.data.python_docs import write_python_docs_corpus
-
     path = out / "corpus" / "python-docs.jsonl"
     meta_path = path.with_suffix(".json")
     if not meta_path.exists():
@@ -66,14 +57,10 @@ def _corpus(out: Path, args: argparse.Namespace) -> tuple[list[str], dict]:
 
 def _preprocess(out: Path, inputs: list[str], args: argparse.Namespace) -> tuple[str, dict]:
     """Stage 2: indexed datasets through the real pipeline (resumable; a no-op when done)."""
-    from megatron_qk.data.pipeline import PreprocessConfig, preprocess
-
     name = "python-docs" if args.data == "python-docs" else "fineweb-edu"
     prefix = out / "data" / name
     options = dict(output_prefix=str(prefix), valid_fraction=0.05, workers=2, progress=True)
     if args.data == "fineweb-edu":
-        from megatron_qk.data.readers import HubDataset
-
         hub = HubDataset("HuggingFaceFW/fineweb-edu", config="sample-10BT")
         options.update(hf=hub, max_docs=args.fineweb_docs)
     else:
@@ -119,9 +106,6 @@ def _train(out: Path, prefix: str, arm: str, args: argparse.Namespace) -> Path:
 
 def _diagnose(run_dir: Path) -> None:
     """Stage 4: every checkpoint of a run not yet in its diagnose.json."""
-    from megatron_qk.diagnostics.diagnose_cli import DEFAULT_OUT_NAME, diagnose_checkpoints
-    from megatron_qk.training.checkpoint import list_checkpoints
-
     diagnose_checkpoints(
         list_checkpoints(run_dir / "checkpoints"),
         run_dir,
@@ -134,15 +118,12 @@ def _diagnose(run_dir: Path) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run every stage, print the report's path and its comparison table."""
-    from tqdm import tqdm
+def run_quickstart(args: argparse.Namespace) -> Path:
+    """Run every stage (skipping those already done) and return the report's path.
 
-    from megatron_qk.quickstart_report import write_report
-    from megatron_qk.training.distributed import teardown_distributed
-
-    if args.steps is not None and args.steps < 10:
-        raise SystemExit("megatron-qk quickstart: --steps must be >= 10")
+    Args:
+        args: the options of ``megatron-qk quickstart`` (``megatron_qk.cli.quickstart``).
+    """
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(STAGES), desc="quickstart", unit="stage", position=0)
@@ -173,5 +154,4 @@ def run(args: argparse.Namespace) -> int:
     report = write_report(out, run_dirs, corpus, data_summary)
     bar.update()
     bar.close()
-    print(f"\nreport: {report}")
-    return 0
+    return report

@@ -10,6 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
+from megatron_qk.analysis.compare import format_table, load_and_compare
+from megatron_qk.analysis.plot import PANELS, load_run, plot_runs
+from megatron_qk.analysis.replay import replay_run
+from megatron_qk.config.loader import load_resolved_config
+from megatron_qk.quickstart_summary import signature_lines
+
 READOUTS = (
     ("lower_copy", "lower copy"),
     ("upper_entropy", "upper entropy"),
@@ -22,8 +30,6 @@ READOUTS = (
 
 
 def _world_size(run_dir: Path) -> int:
-    import yaml
-
     meta = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")).get("_meta", {})
     return int(meta.get("world_size", 1))
 
@@ -33,8 +39,6 @@ def _nearest(records: list[dict], frac: float) -> dict:
 
 
 def _readout_table(run_dirs: dict[str, Path], frac: float) -> list[str]:
-    from megatron_qk.analysis.plot import load_run
-
     header = "| Arm | step (frac) | " + " | ".join(label for _, label in READOUTS) + " |"
     lines = [header, "|---|---:|" + "---:|" * len(READOUTS)]
     for arm, run_dir in run_dirs.items():
@@ -76,12 +80,6 @@ def _ablation_lines(run_dirs: dict[str, Path]) -> list[str]:
 
 def write_report(out: Path, run_dirs: dict[str, Path], corpus: dict, data_summary: dict) -> Path:
     """Write ``out/report.md`` (and the figures under ``out/figures``); return its path."""
-    from megatron_qk.analysis.compare import format_table, load_and_compare
-    from megatron_qk.analysis.plot import PANELS, plot_runs
-    from megatron_qk.analysis.replay import replay_run
-    from megatron_qk.config.loader import load_resolved_config
-    from megatron_qk.quickstart_summary import signature_lines
-
     comparison = load_and_compare([str(p) for p in run_dirs.values()])
     (out / "compare.json").write_text(json.dumps(comparison, indent=1) + "\n", encoding="utf-8")
     figures = plot_runs(list(run_dirs.values()), out / "figures")

@@ -19,6 +19,8 @@ import json
 import math
 from pathlib import Path
 
+from megatron_qk.analysis.plot import load_run
+
 EARLY_FRAC = 0.10
 
 
@@ -54,8 +56,6 @@ def signature_lines(run_dirs: dict[str, Path], summaries: dict[str, dict], rule)
         summaries: their ``summary.json`` contents.
         rule: the intervention's :class:`~megatron_qk.config.schema.MultiplierRuleConfig`.
     """
-    from megatron_qk.analysis.plot import load_run
-
     control, interv = load_run(run_dirs["control"]), load_run(run_dirs["intervention"])
     relative = rule.threshold_mode == "over_uniform"
     threshold = rule.threshold_ratio if relative else rule.threshold

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_qk.training.train_cli import configure_parser, run
+from megatron_qk.cli.train import configure_parser, run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -271,7 +271,8 @@ def test_preflight_collects_every_problem_and_a_good_recipe_passes(tmp_path):
 def test_dry_run_fails_on_a_bad_rule_before_building(tmp_path, capsys, monkeypatch):
     import argparse
 
-    from megatron_qk.training import entry, train_cli
+    from megatron_qk.cli import train as train_cli
+    from megatron_qk.training import entry
 
     monkeypatch.setattr(entry, "dry_run", lambda cfg: pytest.fail("model built"))
     parser = argparse.ArgumentParser()

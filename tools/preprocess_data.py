@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_qk.data import preprocess  # noqa: E402
+from megatron_qk.cli import preprocess  # noqa: E402
 from megatron_qk.data.tokenizer_files import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256  # noqa: E402
 
 

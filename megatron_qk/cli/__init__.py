@@ -13,18 +13,18 @@ import sys
 
 # name -> (module path, one-line help).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("megatron_qk.training.train_cli", "train a model from a YAML recipe"),
+    "train": ("megatron_qk.cli.train", "train a model from a YAML recipe"),
     "preprocess": (
-        "megatron_qk.data.preprocess",
+        "megatron_qk.cli.preprocess",
         "tokenize text (FineWeb-Edu, parquet, jsonl) into Megatron indexed datasets",
     ),
     "tokenizer": (
-        "megatron_qk.data.tokenizer_cli",
+        "megatron_qk.cli.tokenizer",
         "obtain and verify the GPT-2 BPE ranks for offline use",
     ),
-    "quickstart": ("megatron_qk.quickstart", "the embedded default job, offline on CPU"),
+    "quickstart": ("megatron_qk.cli.quickstart", "the embedded default job, offline on CPU"),
     "diagnose": (
-        "megatron_qk.diagnostics.diagnose_cli",
+        "megatron_qk.cli.diagnose",
         "mechanism probes, upper Q/K ablation and locality diagnostic on a checkpoint",
     ),
     "plot": ("megatron_qk.analysis.plot", "Figure-3-style mechanism panels as PNG"),

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.schema import ExperimentConfig
+from megatron_qk.data.validate import DataFileError, check_indexed_dataset
+from megatron_qk.rundir.lock import RunDirBusyError, RunDirLock
+from megatron_qk.rundir.previous import ExistingRunError, check_fresh_start
 
 
 class PreflightError(ConfigError):
@@ -67,8 +70,6 @@ def _floor_problems(cfg: ExperimentConfig) -> list[ConfigError]:
 
 
 def _data_problems(cfg: ExperimentConfig, scan_tokens: bool) -> list[ConfigError]:
-    from megatron_qk.data.validate import DataFileError, check_indexed_dataset
-
     d = cfg.data
     if d.kind == "synthetic":
         if d.synthetic_vocab > cfg.model.vocab_size:
@@ -93,7 +94,7 @@ def _data_problems(cfg: ExperimentConfig, scan_tokens: bool) -> list[ConfigError
 
 
 def _environment_problems(cfg: ExperimentConfig, check_device: bool) -> list[ConfigError]:
-    import torch
+    import torch  # heavy: only the device checks need it
 
     problems = []
     if cfg.logging.wandb != "disabled" and importlib.util.find_spec("wandb") is None:
@@ -127,9 +128,6 @@ def _environment_problems(cfg: ExperimentConfig, check_device: bool) -> list[Con
 
 def run_dir_problems(cfg: ExperimentConfig, overwrite: bool, probe_lock: bool) -> list[ConfigError]:
     """The output directory: writable, not another run's (unless resuming/overwriting), free."""
-    from megatron_qk.rundir.lock import RunDirBusyError, RunDirLock
-    from megatron_qk.rundir.previous import ExistingRunError, check_fresh_start
-
     out = cfg.training.output_dir
     problem = check_writable_dir(out, "training.output_dir")
     if problem:

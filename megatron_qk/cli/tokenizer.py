@@ -20,6 +20,10 @@ import logging
 import sys
 from pathlib import Path
 
+from megatron_qk.data import tokenizer as tok
+from megatron_qk.data import tokenizer_files as files
+from megatron_qk.data.tokenizer import TokenizerError
+
 logger = logging.getLogger(__name__)
 
 # Public GPT-2 ids (tiktoken's tests/test_encoding.py and widely quoted examples).
@@ -67,9 +71,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
-    from megatron_qk.data import tokenizer as tok
-    from megatron_qk.data import tokenizer_files as files
-
     if args.source == "pypi":
         data = files.fetch_ranks_from_pypi(args.download_dir)
         print(f"obtained GPT-2 ranks from PyPI {files.WHISPER_SDIST} (sdist sha256 verified)")
@@ -104,9 +105,6 @@ def _check_known_ids(encoding) -> list[str]:
 def _cmd_verify(args: argparse.Namespace) -> int:
     import os
 
-    from megatron_qk.data import tokenizer as tok
-    from megatron_qk.data import tokenizer_files as files
-
     path = Path(args.file) if args.file else tok.VENDORED_RANKS
     enc = tok.load_gpt2_encoding(path)
     print(f"OK   {path}: sha256 {tok.GPT2_RANKS_SHA256}")
@@ -137,9 +135,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from megatron_qk.data import tokenizer as tok
-    from megatron_qk.data import tokenizer_files as files
-
     path = Path(args.tokenizer) if args.tokenizer else tok.VENDORED_RANKS
     data = tok.read_rank_bytes(path)
     tok.verify_gpt2_ranks(data, str(path))
@@ -150,8 +145,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run a ``tokenizer`` subcommand; returns the exit status (1 on a verification failure)."""
-    from megatron_qk.data.tokenizer import TokenizerError
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     commands = {"fetch": _cmd_fetch, "verify": _cmd_verify, "export": _cmd_export}
     try:

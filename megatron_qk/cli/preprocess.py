@@ -6,8 +6,7 @@ from tiktoken, one EOD (50256) after each document, uint16. ``P_summary.json`` r
 tokens, skipped records by reason, seconds and tokens/s. Interrupted runs resume when the same
 command is run again. ``tools/preprocess_data.py`` is the same command for Megatron-LM habits.
 
-This module only builds the parser and calls :func:`megatron_qk.data.pipeline.preprocess`; it
-imports nothing heavy at module level, so ``megatron-qk --help`` stays fast.
+This module only builds the parser and calls :func:`megatron_qk.data.pipeline.preprocess`.
 """
 
 from __future__ import annotations
@@ -16,6 +15,12 @@ import argparse
 import logging
 import sys
 from typing import Any
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from megatron_qk.data.pipeline import PreprocessConfig, default_workers, preprocess
+from megatron_qk.data.readers import HubDataset, PreprocessError
+from megatron_qk.data.tokenizer import TokenizerError
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -142,11 +147,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
+def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     """Build a :class:`~megatron_qk.data.pipeline.PreprocessConfig` from parsed arguments."""
-    from megatron_qk.data.pipeline import PreprocessConfig, default_workers
-    from megatron_qk.data.readers import HubDataset
-
     hub = None
     if args.hf_dataset:
         hub = HubDataset(
@@ -200,10 +202,6 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``preprocess``; returns 0 on success, 1 on an input error or when nothing was written."""
-    from megatron_qk.data.pipeline import preprocess
-    from megatron_qk.data.readers import PreprocessError
-    from megatron_qk.data.tokenizer import TokenizerError
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.input and args.hf_dataset:
         print("preprocess: error: give --input or --hf-dataset, not both", file=sys.stderr)
@@ -217,8 +215,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 2
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     try:
         with logging_redirect_tqdm():
             summary = preprocess(config)

@@ -19,6 +19,10 @@ import logging
 import os
 import sys
 
+from megatron_qk.config.errors import ConfigError
+from megatron_qk.config.loader import load_config
+from megatron_qk.rundir.lock import RunDirBusyError
+
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the train options (shared with ``python -m megatron_qk.train``)."""
@@ -73,6 +77,7 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         cmd += ["--set", item]
     if args.overwrite:
         cmd.append("--overwrite")
+    # These import torch and megatron-core (seconds): the launcher only starts the workers.
     from megatron_qk.models.speed import set_cuda_device_max_connections
     from megatron_qk.training.torchrun import run_torchrun
 
@@ -83,9 +88,6 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, then train (or dry-run) in-process or via torchrun."""
-    from megatron_qk.config.errors import ConfigError
-    from megatron_qk.config.loader import load_config
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     world = args.nproc_per_node * args.nnodes
     if not args.dry_run and "WORLD_SIZE" not in os.environ and world > 1:
         return _launch_torchrun(args)
-    from megatron_qk.rundir.lock import RunDirBusyError
+    # These import torch and megatron-core (seconds): not for --help or a torchrun launcher.
     from megatron_qk.training.entry import dry_run, train_from_config
     from megatron_qk.training.preflight import preflight
 

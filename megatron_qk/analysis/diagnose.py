@@ -1,4 +1,4 @@
-"""``megatron-qk diagnose``: the mechanism probes, Q/K ablation and locality on checkpoints.
+"""The mechanism probes, Q/K ablation and locality on checkpoints (``megatron-qk diagnose``).
 
 For each checkpoint: the same probes as the live ``diag`` lines (entropy, logit, copy score, FFN
 writes, Q/K bilinear singular value and its displacement from the run's initialisation, which is
@@ -11,16 +11,23 @@ which ``megatron-qk plot`` reads (``RUN_DIR/diagnose.json`` by default).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from megatron_qk.diagnostics.ablation import TARGET_SE
-from megatron_qk.rundir.cli_args import add_checkpoint_argument
+from megatron_qk.diagnostics.ablation import upper_qk_ablation
+from megatron_qk.diagnostics.locality import locality_diagnostic
+from megatron_qk.diagnostics.recorder import AttentionRecorder
+from megatron_qk.training.data import build_datasets, collate_samples
+from megatron_qk.training.restore import (
+    build_initial_model,
+    load_checkpoint_for_analysis,
+    reload_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,57 +36,6 @@ DEFAULT_OUT_NAME = "diagnose.json"
 # 2.1M tokens), at least 64 sequences, stopping once the standard errors are below TARGET_SE.
 ABLATION_MAX_SEQUENCES = 2048
 ABLATION_MIN_SEQUENCES = 64
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the diagnose options."""
-    add_checkpoint_argument(parser)
-    parser.add_argument(
-        "--data",
-        default=None,
-        metavar="PREFIX",
-        help="held-out Megatron indexed dataset prefix (PREFIX.bin/.idx); default: the run's "
-        "own validation data",
-    )
-    parser.add_argument(
-        "--out", default=None, help=f"output JSON (default: RUN_DIR/{DEFAULT_OUT_NAME})"
-    )
-    parser.add_argument(
-        "--all-checkpoints",
-        action="store_true",
-        help="diagnose every checkpoint of the run (for the ablation-over-training panel)",
-    )
-    parser.add_argument("--num-sequences", type=int, default=16, help="held-out sequences")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
-    parser.add_argument(
-        "--ablation-sequences",
-        type=int,
-        default=ABLATION_MAX_SEQUENCES,
-        help="most held-out sequences for the upper-Q/K ablation (default "
-        f"{ABLATION_MAX_SEQUENCES}; capped at the run's validation samples)",
-    )
-    parser.add_argument(
-        "--ablation-min-sequences",
-        type=int,
-        default=ABLATION_MIN_SEQUENCES,
-        help=f"fewest ablation sequences (default {ABLATION_MIN_SEQUENCES})",
-    )
-    parser.add_argument(
-        "--ablation-target-se",
-        type=float,
-        default=TARGET_SE,
-        help="stop adding ablation sequences once every ppl-increase standard error is below "
-        f"this (default {TARGET_SE}: 10%% of the paper's smallest 270M effect, +0.35 ppl)",
-    )
-    parser.add_argument(
-        "--locality-rank",
-        type=int,
-        default=None,
-        help="dimension of the estimated immature subspace P (default: the head dimension)",
-    )
-    parser.add_argument(
-        "--chunk-size", type=int, default=256, help="query rows per attention chunk"
-    )
 
 
 def _indexed_sequences(
@@ -130,8 +86,6 @@ def heldout_batches(
 
     ``at_most``: fewer sequences when ``--data`` holds fewer (the ablation's upper bound).
     """
-    from megatron_qk.training.data import build_datasets, collate_samples
-
     cfg = loaded.cfg
     seq = cfg.model.seq_length
     if data_prefix is not None:
@@ -169,9 +123,6 @@ def diagnose_checkpoint(
         ablation_batches: held-out batches of the ablation (default: ``batches``), read until
             ``ablation_target_se`` is met (see :func:`upper_qk_ablation`).
     """
-    from megatron_qk.diagnostics.ablation import upper_qk_ablation
-    from megatron_qk.diagnostics.locality import locality_diagnostic
-
     cfg, model = loaded.cfg, loaded.model
     with torch.no_grad(), recorder.statistics():
         for batch in batches:
@@ -240,15 +191,6 @@ def diagnose_checkpoints(
     Raises:
         FileNotFoundError, ValueError: bad ``data_prefix`` (see :func:`heldout_batches`).
     """
-    from tqdm import tqdm
-
-    from megatron_qk.diagnostics.recorder import AttentionRecorder
-    from megatron_qk.training.restore import (
-        build_initial_model,
-        load_checkpoint_for_analysis,
-        reload_weights,
-    )
-
     if skip_done and out.exists():
         done = {r["step"] for r in json.loads(out.read_text(encoding="utf-8"))["results"]}
         checkpoints = [c for c in checkpoints if int(c.name.split("_")[1]) not in done]
@@ -299,39 +241,3 @@ def merge_results(out: Path, run_dir: Path, results: list[dict]) -> dict:
     tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, out)
     return data
-
-
-def run(args: argparse.Namespace) -> int:
-    """Diagnose one or all checkpoints and merge the results into the output JSON."""
-    from megatron_qk.training.checkpoint import list_checkpoints
-    from megatron_qk.training.distributed import teardown_distributed
-    from megatron_qk.training.restore import resolve_checkpoint
-
-    if min(args.num_sequences, args.batch_size, args.ablation_sequences) < 1:
-        raise SystemExit("megatron-qk diagnose: --num-sequences and --batch-size must be >= 1")
-    try:
-        ckpt, run_dir = resolve_checkpoint(args.checkpoint)
-    except FileNotFoundError as exc:
-        raise SystemExit(f"megatron-qk diagnose: {exc}") from None
-    checkpoints = list_checkpoints(run_dir / "checkpoints") if args.all_checkpoints else [ckpt]
-    out = Path(args.out) if args.out else run_dir / DEFAULT_OUT_NAME
-    try:
-        results = diagnose_checkpoints(
-            checkpoints,
-            run_dir,
-            out,
-            args.data,
-            args.num_sequences,
-            args.batch_size,
-            args.locality_rank,
-            args.chunk_size,
-            ablation_sequences=args.ablation_sequences,
-            ablation_min_sequences=args.ablation_min_sequences,
-            ablation_target_se=args.ablation_target_se,
-        )
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"megatron-qk diagnose: {exc}") from None
-    finally:
-        teardown_distributed()
-    print(f"wrote {out} ({len(results)} checkpoint(s))")
-    return 0

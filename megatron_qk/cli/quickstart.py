@@ -1,0 +1,38 @@
+"""``megatron-qk quickstart``: the embedded default job, offline on CPU.
+
+The stages are :mod:`megatron_qk.quickstart`; this module parses the options and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_qk.quickstart import run_quickstart
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the quickstart options."""
+    parser.add_argument("--out", default="quickstart-out", help="output directory")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps per arm (default: the preset's)"
+    )
+    parser.add_argument(
+        "--data",
+        choices=("python-docs", "fineweb-edu"),
+        default="python-docs",
+        help="python-docs: offline, Python's own documentation; fineweb-edu: a hub sample",
+    )
+    parser.add_argument(
+        "--fineweb-docs", type=int, default=20000, help="documents taken with --data fineweb-edu"
+    )
+    parser.add_argument("--nproc", type=int, default=2, help="processes per training run")
+    parser.add_argument("--seed", type=int, default=1, help="training seed of both arms")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every stage and print the report's path."""
+    if args.steps is not None and args.steps < 10:
+        raise SystemExit("megatron-qk quickstart: --steps must be >= 10")
+    report = run_quickstart(args)
+    print(f"\nreport: {report}")
+    return 0
