@@ -54,7 +54,7 @@ def signature_lines(run_dirs: dict[str, Path], summaries: dict[str, dict], rule)
     Args:
         run_dirs: ``{"control": dir, "intervention": dir}``.
         summaries: their ``summary.json`` contents.
-        rule: the intervention's :class:`~megatron_qk.config.schema.MultiplierRuleConfig`.
+        rule: the intervention's :class:`~megatron_qk.config.optim.MultiplierRuleConfig`.
     """
     control, interv = load_run(run_dirs["control"]), load_run(run_dirs["intervention"])
     relative = rule.threshold_mode == "over_uniform"

@@ -1,9 +1,10 @@
 """Strict YAML loading of :class:`ExperimentConfig` with presets and dotted overrides.
 
-A recipe is a YAML mapping whose keys mirror the dataclasses in ``schema.py``. It may start from a
-preset or another recipe with ``base: tiny`` (a preset name) or ``base: ../other.yaml`` (a path
-relative to the recipe); the recipe's keys are deep-merged over the base. ``--set a.b=c``
-overrides are applied last; their values are parsed as YAML scalars (``--set optim.lr=1e-3``).
+A recipe is a YAML mapping whose keys mirror the dataclasses of ``schema.py`` and its sections.
+It may start from a preset or another recipe with ``base: tiny`` (a preset name) or
+``base: ../other.yaml`` (a path relative to the recipe); the recipe's keys are deep-merged over
+the base. ``--set a.b=c`` overrides are applied last; their values are parsed as YAML scalars
+(``--set optim.lr=1e-3``).
 
 Every error names the dotted path of the offending key and, where it came from a file, the file
 and line.
