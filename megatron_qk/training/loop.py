@@ -22,6 +22,7 @@ import torch
 from megatron_qk.config.loader import config_to_dict
 from megatron_qk.config.schema import ConfigError, ExperimentConfig
 from megatron_qk.diagnostics.recorder import AttentionRecorder
+from megatron_qk.models.layers import first_upper_layer
 from megatron_qk.training import checkpoint as ckpt
 from megatron_qk.training import checkpoint_plan
 from megatron_qk.training.data import build_datasets, held_out_micro_batches, micro_batches
@@ -88,10 +89,11 @@ def check_entropy_floor_layout(cfg: ExperimentConfig) -> None:
     """
     layers, pp = cfg.model.num_layers, cfg.parallel.pipeline_model_parallel_size
     first_on_last_stage = layers - layers // pp + 1
-    if first_on_last_stage > layers // 2 + 1:
+    first_upper = first_upper_layer(layers)
+    if first_on_last_stage > first_upper:
         raise ConfigError(
             "parallel.pipeline_model_parallel_size",
-            f"optim.entropy_floor needs all upper-half layers ({layers // 2 + 1}-{layers}) on "
+            f"optim.entropy_floor needs all upper-half layers ({first_upper}-{layers}) on "
             f"the last pipeline stage, but with PP={pp} it starts at layer {first_on_last_stage}",
         )
 
