@@ -23,6 +23,7 @@ from megatron_qk.config.loader import config_to_dict
 from megatron_qk.config.schema import ConfigError, ExperimentConfig
 from megatron_qk.diagnostics.recorder import AttentionRecorder
 from megatron_qk.models.layers import first_upper_layer
+from megatron_qk.rundir import records
 from megatron_qk.training import checkpoint as ckpt
 from megatron_qk.training import checkpoint_plan
 from megatron_qk.training.data import build_datasets, held_out_micro_batches, micro_batches
@@ -235,20 +236,20 @@ class Trainer:
         self.step += 1
         self.consumed_samples += t.global_batch_size
         elapsed = time.perf_counter() - start
-        record = {
-            "kind": "train",
-            "step": self.step,
-            "tokens": self.consumed_samples * self.cfg.model.seq_length,
-            "frac": self.step / self.planned_steps,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "step_seconds": elapsed,
-        }
-        record.update(self.throughput.fields(elapsed))  # tokens/s, TFLOP/s/GPU, MFU, memory
-        for name, factor in multipliers.items():
-            record[f"mult/{name}"] = factor
-        return record
+        return records.train_record(
+            self.position(),
+            loss=loss,
+            lr=lr,
+            grad_norm=float(grad_norm) if grad_norm is not None else None,
+            step_seconds=elapsed,
+            throughput=self.throughput.fields(elapsed),  # tokens/s, TFLOP/s/GPU, MFU, memory
+            multipliers=multipliers,
+        )
+
+    def position(self, step: int | None = None) -> records.Position:
+        """Step, fraction of the plan and tokens after ``step`` (default: the current) steps."""
+        step = self.step if step is None else step
+        return records.Position.after(step, self.planned_steps, self.cfg.tokens_per_step())
 
     def _base_lr(self) -> float:
         for group in self.optimizer.param_groups:
@@ -279,14 +280,7 @@ class Trainer:
             )
         val_loss = sum(losses) / len(losses)
         self.last_diag = self._diagnose() if self._diagnostics_needed else None
-        return {
-            "kind": "eval",
-            "step": self.step,
-            "tokens": self.consumed_samples * self.cfg.model.seq_length,
-            "frac": self.step / self.planned_steps,
-            "val_loss": val_loss,
-            "val_ppl": math.exp(min(val_loss, 700.0)),
-        }
+        return records.eval_record(self.position(), val_loss=val_loss)
 
     @torch.no_grad()
     def _diagnose(self) -> dict:
@@ -314,15 +308,10 @@ class Trainer:
             self._run_batches(
                 self.datasets.valid, 0, True, num_microbatches=rounds, data_iterator=batches
             )
-        record = self.recorder.reduce(self.info.device)
-        return {
-            "kind": "diag",
-            "step": self.step,
-            "tokens": self.consumed_samples * self.cfg.model.seq_length,
-            "frac": self.step / self.planned_steps,
-            "sequences": d.num_sequences,
-            **record,
-        }
+        statistics = self.recorder.reduce(self.info.device)
+        return records.diag_record(
+            self.position(), sequences=d.num_sequences, statistics=statistics
+        )
 
     # ----------------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -364,7 +353,7 @@ class Trainer:
         return True
 
     def _event_records(self, events) -> list[dict]:
-        records = []
+        lines = []
         for ev in events:
             frac = ev.step / self.planned_steps
             self.releases[ev.rule] = {"step": ev.step, "frac": frac, "reason": ev.reason}
@@ -373,20 +362,17 @@ class Trainer:
             if ev.threshold is not None:
                 at_release = {k: getattr(ev, k) for k in ("score", "threshold", "threshold_mode")}
             self.releases[ev.rule].update(at_release)
-            records.append(
-                {
-                    "kind": "release",
-                    "rule": ev.rule,
-                    "reason": ev.reason,
-                    "step": ev.step,
-                    "frac": frac,
-                    "tokens": ev.step
-                    * self.cfg.training.global_batch_size
-                    * self.cfg.model.seq_length,
-                    **at_release,
-                }
+            lines.append(
+                records.release_record(
+                    self.position(ev.step),
+                    rule=ev.rule,
+                    reason=ev.reason,
+                    score=ev.score,
+                    threshold=ev.threshold,
+                    threshold_mode=ev.threshold_mode,
+                )
             )
-        return records
+        return lines
 
     def run(self) -> dict:
         """Train to the planned step (or ``exit_after_steps``) and return the summary."""
@@ -468,7 +454,7 @@ class Trainer:
 
     def _stop_if_preempted(self, sinks: MetricsSinks, bar: ProgressBar, saved_at: int) -> int:
         """After a step: if any rank got SIGTERM/SIGUSR1, save, log the event and stop."""
-        from megatron_qk.training.preemption import PreemptedError, preempted_record
+        from megatron_qk.training.preemption import PreemptedError
 
         signal_name = self.preemption.poll(self.info.device)
         if signal_name is None or self.step >= self.planned_steps:
@@ -478,9 +464,8 @@ class Trainer:
             if saved_at != self.step
             else ckpt.latest_checkpoint(self.run_dir / "checkpoints")
         )
-        tokens = self.consumed_samples * self.cfg.model.seq_length
-        frac = self.step / self.planned_steps
-        sinks.write(preempted_record(self.step, frac, tokens, signal_name, str(path)))
+        at = self.position()
+        sinks.write(records.event_record("preempted", at, signal=signal_name, checkpoint=str(path)))
         bar.write(f"{signal_name}: saved {path} after step {self.step}; stopping")
         raise PreemptedError(self.step, signal_name, str(path))
 
@@ -515,13 +500,12 @@ class Trainer:
         if self.sharp_crossing is not None or not diag["upper_entropy"] < threshold:
             return None
         self.sharp_crossing = {"step": diag["step"], "frac": diag["frac"], "tokens": diag["tokens"]}
-        return {
-            "kind": "event",
-            "event": "sharp_entropy_crossing",
-            **self.sharp_crossing,
-            "upper_entropy": diag["upper_entropy"],
-            "threshold": threshold,
-        }
+        return records.event_record(
+            "sharp_entropy_crossing",
+            records.Position(**self.sharp_crossing),
+            upper_entropy=diag["upper_entropy"],
+            threshold=threshold,
+        )
 
     def _summary(self) -> dict:
         last = self.last_eval or {}
@@ -532,7 +516,7 @@ class Trainer:
             "steps": self.step,
             "planned_steps": self.planned_steps,
             "finished": self.step == self.planned_steps,
-            "tokens": self.consumed_samples * self.cfg.model.seq_length,
+            "tokens": self.position().tokens,
             "final_val_loss": last.get("val_loss"),
             "final_val_ppl": last.get("val_ppl"),
             "release": dict(self.releases),
