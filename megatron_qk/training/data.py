@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from megatron_qk.config.schema import ConfigError, ExperimentConfig
+from megatron_qk.data.data_summary import check_data_tokenizer
 from megatron_qk.data.tokenizer import EOD_TOKEN_ID
+from megatron_qk.training.data_cache import prepare_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +107,6 @@ def _build_gpt_datasets(cfg: ExperimentConfig, sizes: list[int], cache_dir: str)
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    from megatron_qk.data.data_summary import check_data_tokenizer
-
     d = cfg.data
     eod = check_data_tokenizer(cfg)
     common = dict(
@@ -167,8 +167,6 @@ def build_datasets(cfg: ExperimentConfig, planned_steps: int, output_dir: str) -
             valid_samples,
         )
         return Datasets(train, valid)
-    from megatron_qk.training.data_cache import prepare_cache_dir
-
     cache_dir = prepare_cache_dir(
         cfg.data.cache_dir, output_dir
     )  # checked before Megatron reads it
