@@ -1,9 +1,9 @@
 """Cost of the live diagnostics relative to training, in one run (target: <= 2% on 270M).
 
-One trainer is built from the recipe; ``train_step`` and the diagnostics pass (``_diagnose``:
-the held-out probe forward with Q/K recomputation, FFN hooks and the Q/K bilinear SVDs) are
-timed alternately after warm-up. The validation loss itself is not counted: the control run
-computes it too. The anchor is the training time between two evaluations::
+One trainer is built from the recipe; ``train_step`` and the diagnostics pass
+(``HeldOutDiagnostics.measure``: the held-out probe forward with Q/K recomputation, FFN hooks and
+the Q/K bilinear SVDs) are timed alternately after warm-up. The validation loss itself is not
+counted: the control run computes it too. The anchor is the training time between two evaluations::
 
     overhead = t_diag / (eval_interval * t_step)
 
@@ -52,6 +52,7 @@ def main() -> None:
     args = p.parse_args()
 
     from megatron_qk.config.loader import load_config
+    from megatron_qk.training.callbacks.diagnostics import HeldOutDiagnostics
     from megatron_qk.training.distributed import setup_distributed, teardown_distributed
     from megatron_qk.training.loop import Trainer
 
@@ -73,7 +74,7 @@ def main() -> None:
         step_times, diag_times = [], []
         for i in range(args.warmup + args.reps):
             step = _timed(trainer.train_step)
-            diag = _timed(trainer._diagnose)
+            diag = _timed(lambda: HeldOutDiagnostics().measure(trainer))
             if i >= args.warmup:
                 step_times.append(step)
                 diag_times.append(diag)

@@ -60,7 +60,7 @@ def training_step(
 
     from megatron_qk.models.params import annotate_param_roles
     from megatron_qk.optim.param_groups import build_optimizer
-    from megatron_qk.training.loop import _loss_func
+    from megatron_qk.training.losses import token_loss
     from megatron_qk.training.wrapping import attach_schedule_hooks, wrap_for_training
 
     annotate_param_roles(model)
@@ -82,7 +82,7 @@ def training_step(
     def forward_step(data_iterator, model):
         b = next(data_iterator)
         out = model(b["tokens"], b["position_ids"], attention_mask=None, labels=b["labels"])
-        return out, lambda output: _loss_func(b["loss_mask"], output)
+        return out, lambda output: token_loss(b["loss_mask"], output)
 
     def step() -> tuple[float, float]:
         _sync()

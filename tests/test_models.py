@@ -232,3 +232,12 @@ def test_layer_seeded_init_is_independent_of_earlier_draws(single_rank):
     assert not torch.equal(
         first.embedding.word_embeddings.weight, second.embedding.word_embeddings.weight
     )
+
+
+def test_layer_halves_split_at_half_the_layer_count():
+    """Upper half is ``n > num_layers / 2``: the middle layer of an odd stack is lower."""
+    from megatron_qk.models.layers import first_upper_layer, lower_layers, upper_layers
+
+    assert upper_layers(4) == {3, 4} and lower_layers(4) == {1, 2}
+    assert upper_layers(5) == {3, 4, 5} and lower_layers(5) == {1, 2}
+    assert first_upper_layer(4) == min(upper_layers(4)) and first_upper_layer(5) == 3

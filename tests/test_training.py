@@ -94,9 +94,9 @@ def test_resume_refuses_a_different_recipe(tmp_path):
 
 
 def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
-    import megatron_qk.training.loop as loop
+    import megatron_qk.training.losses as losses
 
-    real = loop._global_loss
+    real = losses.global_loss
     calls = {"n": 0}
 
     def poisoned(loss_dicts, info, device):
@@ -105,7 +105,7 @@ def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
         # The 0th eval takes 2 calls; train steps 1-4 follow, then 2 eval calls at step 4.
         return float("nan") if calls["n"] == 9 else value
 
-    monkeypatch.setattr(loop, "_global_loss", poisoned)
+    monkeypatch.setattr(losses, "global_loss", poisoned)
     # Diagnostics off: their held-out pass would add a _global_loss call to every evaluation.
     cfg = tiny(tmp_path, "nan", "training.save_interval=2", "diagnostics.enabled=false")
     with pytest.raises(SystemExit) as exc:

@@ -4,7 +4,7 @@ Zeroing the post-RoPE queries (or keys) of a layer makes every pre-softmax logit
 layer attends uniformly over its causal keys; the paper notes that the three variants degenerate
 the upper logits the same way (Section 4, "Mechanism measurements"), so their perplexity
 increases agree up to the bias terms the projections may carry. The ablation goes through the
-same core-attention seam as the probes (:mod:`megatron_qk.diagnostics.capture`), so it works
+same core-attention seam as the probes (:mod:`megatron_qk.models.qk_capture`), so it works
 with every attention backend.
 
 *Standard error.* The readout is a difference of perplexities on the same sequences, so the

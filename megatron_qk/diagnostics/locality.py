@@ -37,7 +37,8 @@ from collections.abc import Iterable
 import torch
 
 from megatron_qk.diagnostics.bilinear import qk_head_weights
-from megatron_qk.diagnostics.capture import bare_model
+from megatron_qk.models.layers import is_upper
+from megatron_qk.models.params import bare_model
 
 
 def _norm_parameters(norm_module, config) -> tuple[torch.Tensor | float, torch.Tensor, float]:
@@ -126,9 +127,8 @@ def locality_diagnostic(
     rank = rank or config.kv_channels
     if not 1 <= rank <= config.hidden_size:
         raise ValueError(f"locality rank must be in [1, {config.hidden_size}], got {rank}")
-    half = num_layers / 2
-    upper = [layer for layer in layers if layer.layer_number > half]
-    lower = [layer for layer in layers if layer.layer_number <= half]
+    upper = [layer for layer in layers if is_upper(layer.layer_number, num_layers)]
+    lower = [layer for layer in layers if not is_upper(layer.layer_number, num_layers)]
     captured: dict[str, list] = {"writes": []}
     for layer in upper:
         captured[f"x{layer.layer_number}"] = []

@@ -32,13 +32,15 @@ from megatron_qk.diagnostics.bilinear import (
     bilinear_top_singular_value,
     qk_head_weights,
 )
-from megatron_qk.diagnostics.capture import bare_model, softmax_scale
 from megatron_qk.diagnostics.probes import (
     STATS,
     layer_statistics,
     normalized_entropy_sum,
     uniform_copy_sum,
 )
+from megatron_qk.models.layers import first_upper_layer, is_upper
+from megatron_qk.models.params import bare_model
+from megatron_qk.models.qk_capture import softmax_scale
 
 # Per-(layer, head) weight statistics: top singular value, displacement, "has displacement" flag,
 # "present" flag.
@@ -104,7 +106,7 @@ class AttentionRecorder:
 
     def is_upper(self, layer_number: int) -> bool:
         """Upper half: global 1-based layer number above ``num_layers / 2``."""
-        return layer_number > self.num_layers / 2
+        return is_upper(layer_number, self.num_layers)
 
     def set_tokens(self, tokens: torch.Tensor, valid_rows: int | None = None) -> None:
         """Tokens ``[b, s]`` of the micro-batch about to run forward (copy-score targets).
@@ -325,7 +327,7 @@ def _mean(values: list[float]) -> float:
 def _build_record(attn: torch.Tensor, ffn: torch.Tensor, weights: torch.Tensor) -> dict:
     """The diag record from the reduced tensors (see :meth:`AttentionRecorder.reduce`)."""
     L = attn.shape[0]
-    half = L // 2
+    half = first_upper_layer(L) - 1  # row index of the first upper layer
     lower, upper = slice(0, half), slice(half, L)
 
     def pooled(rows: slice, stat: int) -> float:

@@ -17,6 +17,10 @@ import torch
 
 from megatron_qk.config.model import ModelConfig
 
+# Parameter attributes set by annotate_param_roles (the contract above).
+LAYER_ATTR = "mqk_layer_number"
+ROLE_ATTR = "mqk_role"
+
 ROLES = ("q", "k", "v", "qkv", "o", "fc1", "fc2", "norm", "embedding", "output", "final_norm")
 
 # (substring of the parameter name inside a layer, role); first match wins.
@@ -37,8 +41,9 @@ _LAYER_RULES = (
 )
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
+def bare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``GPTModel`` inside DDP / Float16Module wrappers."""
+    while not hasattr(model, "decoder") and hasattr(model, "module"):
         model = model.module
     return model
 
@@ -49,16 +54,16 @@ def annotate_param_roles(model: torch.nn.Module) -> dict[str, tuple[int | None, 
     Returns:
         ``{parameter name: (layer_number, role)}`` for inspection and tests.
     """
-    gpt = _unwrap(model)
+    gpt = bare_model(model)
     out: dict[str, tuple[int | None, str]] = {}
     seen: set[int] = set()
     for layer_idx, layer in enumerate(gpt.decoder.layers):
         for name, param in layer.named_parameters():
             role = next((r for key, r in _LAYER_RULES if key in name), "other")
-            param.mqk_layer_number = int(layer.layer_number)
-            param.mqk_role = role
+            setattr(param, LAYER_ATTR, int(layer.layer_number))
+            setattr(param, ROLE_ATTR, role)
             seen.add(id(param))
-            out[f"decoder.layers.{layer_idx}.{name}"] = (param.mqk_layer_number, role)
+            out[f"decoder.layers.{layer_idx}.{name}"] = (int(layer.layer_number), role)
     for name, param in gpt.named_parameters():
         if id(param) in seen:
             continue
@@ -70,8 +75,8 @@ def annotate_param_roles(model: torch.nn.Module) -> dict[str, tuple[int | None, 
             role = "final_norm"
         else:
             role = "other"
-        param.mqk_layer_number = None
-        param.mqk_role = role
+        setattr(param, LAYER_ATTR, None)
+        setattr(param, ROLE_ATTR, role)
         out[name] = (None, role)
     return out
 
@@ -83,7 +88,7 @@ def count_parameters(model: torch.nn.Module) -> dict:
     by an all-reduce): sum per-rank counts over TP/PP ranks and subtract that copy to get the
     model total. The dry run builds the model unsharded, so its ``total`` is the model total.
     """
-    gpt = _unwrap(model)
+    gpt = bare_model(model)
     unique: dict[int, tuple[str, torch.Tensor]] = {}
     for name, param in gpt.named_parameters():
         unique.setdefault(id(param), (name, param))

@@ -3,7 +3,7 @@
 Everything goes through Megatron's ``ModuleSpec`` seams: the stock local or Transformer Engine
 spec is taken as is; the ``linear_qkv`` slot is swapped for :class:`SplitQKVLinear` and the
 ``core_attention`` class is subclassed to hand post-RoPE Q/K to probes
-(:func:`megatron_qk.diagnostics.capture.capturing_core_attention`).
+(:func:`megatron_qk.models.qk_capture.capturing_core_attention`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_qk.config.model import ModelConfig
-from megatron_qk.diagnostics.capture import capturing_core_attention
+from megatron_qk.models.qk_capture import capturing_core_attention
 from megatron_qk.models.split_qkv import SplitQKVLinear
 
 # Single source of truth for the FFN variants: (gated_linear_unit, activation_func).

@@ -32,6 +32,8 @@ from megatron.core.optimizer.optimizer import param_group_identifier_keys
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
 from megatron_qk.config.optim import explicit_layers
+from megatron_qk.models.layers import all_layers, lower_layers, upper_layers
+from megatron_qk.models.params import LAYER_ATTR, ROLE_ATTR
 from megatron_qk.optim.scheduler import RULE_KEY, MultiplierScheduler, build_scheduler
 
 if TYPE_CHECKING:
@@ -39,8 +41,6 @@ if TYPE_CHECKING:
     from megatron_qk.config.schema import ExperimentConfig
 
 TAG_PREFIX = "mqk_rule:"
-LAYER_ATTR = "mqk_layer_number"
-ROLE_ATTR = "mqk_role"
 _FUSED_QKV_ROLE = "qkv"
 
 
@@ -63,11 +63,11 @@ def parse_layers(spec: str, num_layers: int, where: str = "layers") -> frozenset
     """
     spec = spec.strip()
     if spec == "upper_half":
-        return frozenset(n for n in range(1, num_layers + 1) if n > num_layers / 2)
+        return upper_layers(num_layers)
     if spec == "lower_half":
-        return frozenset(n for n in range(1, num_layers + 1) if n <= num_layers / 2)
+        return lower_layers(num_layers)
     if spec == "all":
-        return frozenset(range(1, num_layers + 1))
+        return all_layers(num_layers)
     return explicit_layers(spec, num_layers, where)
 
 

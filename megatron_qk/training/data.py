@@ -19,7 +19,9 @@ import torch
 
 from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.schema import ExperimentConfig
+from megatron_qk.data.data_summary import check_data_tokenizer
 from megatron_qk.data.tokenizer import EOD_TOKEN_ID
+from megatron_qk.training.data_cache import prepare_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +108,6 @@ def _build_gpt_datasets(cfg: ExperimentConfig, sizes: list[int], cache_dir: str)
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    from megatron_qk.data.data_summary import check_data_tokenizer
-
     d = cfg.data
     eod = check_data_tokenizer(cfg)
     common = dict(
@@ -168,8 +168,6 @@ def build_datasets(cfg: ExperimentConfig, planned_steps: int, output_dir: str) -
             valid_samples,
         )
         return Datasets(train, valid)
-    from megatron_qk.training.data_cache import prepare_cache_dir
-
     cache_dir = prepare_cache_dir(
         cfg.data.cache_dir, output_dir
     )  # checked before Megatron reads it

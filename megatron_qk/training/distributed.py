@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_qk.compat import activate_cpu_compat
 from megatron_qk.config.schema import ExperimentConfig
 
 
@@ -68,8 +69,6 @@ def setup_distributed(cfg: ExperimentConfig) -> ParallelInfo:
     world_size = world_size_from_env()
     cfg.validate_world(world_size)
     from megatron.core import parallel_state
-
-    from megatron_qk.compat import activate_cpu_compat
 
     use_cuda = torch.cuda.is_available()
     backend = cfg.parallel.backend

@@ -7,11 +7,24 @@ import os
 import sys
 
 from megatron_qk.config.schema import ExperimentConfig
+from megatron_qk.models.builder import build_gpt_model, padded_vocab_size
+from megatron_qk.models.params import count_parameters, expected_parameter_count
+from megatron_qk.models.specs import build_layer_spec, use_transformer_engine
+from megatron_qk.rundir.lock import RunDirLock
+from megatron_qk.rundir.previous import holds_run, move_run_aside
+from megatron_qk.training.callbacks.preemption import StopOnPreemption
+from megatron_qk.training.checkpoint_plan import end_step, planned_checkpoint_steps
+from megatron_qk.training.child_processes import make_forked_children_die_with_parent
 from megatron_qk.training.distributed import (
     setup_distributed,
     teardown_distributed,
     world_size_from_env,
 )
+from megatron_qk.training.loop import NonFiniteLossError, Trainer
+from megatron_qk.training.preemption import PREEMPTED_EXIT_CODE, PreemptedError, PreemptionWatch
+from megatron_qk.training.preflight import preflight
+from megatron_qk.training.restore import single_process_config
+from megatron_qk.training.save_errors import CheckpointSaveError
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +53,6 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False) -> dict | 
         SystemExit: 3 on a non-finite loss, 4 when a checkpoint cannot be written, 75
             (``PREEMPTED_EXIT_CODE``) when stopped by SIGTERM/SIGUSR1 after saving a checkpoint.
     """
-    from megatron_qk.rundir.lock import RunDirLock
-    from megatron_qk.rundir.previous import holds_run, move_run_aside
-    from megatron_qk.training.child_processes import make_forked_children_die_with_parent
-    from megatron_qk.training.loop import NonFiniteLossError, Trainer
-    from megatron_qk.training.preemption import PREEMPTED_EXIT_CODE, PreemptedError, PreemptionWatch
-    from megatron_qk.training.preflight import preflight
-    from megatron_qk.training.save_errors import CheckpointSaveError
-
     rank0 = _env_rank("RANK") == 0
     preflight(cfg, world_size_from_env(), overwrite=overwrite, scan_tokens=rank0, run_dir=rank0)
     lock = RunDirLock(cfg.training.output_dir) if rank0 else None
@@ -63,7 +68,7 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False) -> dict | 
         info = setup_distributed(cfg)
         try:
             trainer = Trainer(cfg, info)
-            trainer.preemption = watch
+            trainer.add_callback(StopOnPreemption(watch))
             try:
                 summary = trainer.run()
             except NonFiniteLossError as exc:
@@ -93,12 +98,6 @@ def dry_run(cfg: ExperimentConfig) -> dict:
     The parameter count does not depend on the parallel layout, so a laptop can check a recipe
     meant for a cluster. The layout itself was validated by the caller.
     """
-
-    from megatron_qk.models.builder import build_gpt_model, padded_vocab_size
-    from megatron_qk.models.params import count_parameters, expected_parameter_count
-    from megatron_qk.models.specs import build_layer_spec, use_transformer_engine
-    from megatron_qk.training.checkpoint_plan import end_step, planned_checkpoint_steps
-    from megatron_qk.training.restore import single_process_config
 
     single = single_process_config(cfg)
     saved = {k: os.environ.pop(k, None) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}

@@ -1,37 +1,45 @@
 """The training loop: Megatron-Core model, DDP, optimizer and pipeline schedules, plainly.
 
-One call of :func:`train` runs (or resumes) a whole run described by an
-:class:`~megatron_qk.config.schema.ExperimentConfig` and writes the run directory described in
-docs/RUN_DIRECTORY.md.
+One call of :func:`~megatron_qk.training.entry.train_from_config` runs (or resumes) a whole run
+described by an :class:`~megatron_qk.config.schema.ExperimentConfig` and writes the run
+directory described in docs/RUN_DIRECTORY.md.
 The loop follows nanoGPT's shape: build, then ``for step: forward_backward; step; log; eval;
 save``. Megatron does the parallel work (DDP / distributed optimizer, TP layers, 1F1B schedule).
+What an experiment adds to it (entropy floor, attention diagnostics, release and sharp-entropy
+logging, preemption, profiling) are callbacks (:mod:`megatron_qk.training.callbacks`).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from megatron_qk.config.errors import ConfigError
-from megatron_qk.config.loader import config_to_dict
 from megatron_qk.config.schema import ExperimentConfig
 from megatron_qk.diagnostics.recorder import AttentionRecorder
+from megatron_qk.models.builder import build_gpt_model, padded_vocab_size, transformer_config_from
+from megatron_qk.models.params import annotate_param_roles
+from megatron_qk.models.speed import training_speed_flags
+from megatron_qk.optim.param_groups import build_optimizer
+from megatron_qk.rundir import records
 from megatron_qk.training import checkpoint as ckpt
-from megatron_qk.training import checkpoint_plan
-from megatron_qk.training.data import build_datasets, held_out_micro_batches, micro_batches
+from megatron_qk.training import checkpoint_plan, losses, run_files
+from megatron_qk.training.callbacks.base import Callback
+from megatron_qk.training.callbacks.defaults import default_callbacks
+from megatron_qk.training.callbacks.sharp_entropy import SharpEntropyEvent
+from megatron_qk.training.data import build_datasets, micro_batches
 from megatron_qk.training.data_order import data_order_hash
 from megatron_qk.training.distributed import ParallelInfo
-from megatron_qk.training.losses import entropy_floor_penalty
-from megatron_qk.training.run_dir import check_resume_compatible, write_config, write_summary
-from megatron_qk.training.run_identity import claim_run_dir
-from megatron_qk.training.sinks import MetricsSinks, ProgressBar, truncate_metrics
+from megatron_qk.training.run_dir import write_summary
+from megatron_qk.training.sinks import MetricsSinks, ProgressBar
+from megatron_qk.training.throughput import ThroughputMeter
+from megatron_qk.training.wrapping import attach_schedule_hooks, wrap_for_training
 
 logger = logging.getLogger(__name__)
 
@@ -40,73 +48,21 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/inf; the run stopped before applying that step."""
 
 
-def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Megatron loss callback: (token-loss sum, token count, reporting dict)."""
-    losses = output_tensor.float().reshape(-1)
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = torch.sum(losses * mask)
-    num_tokens = mask.sum().to(torch.int)
-    # clone: the schedule divides the returned tensor in place.
-    report = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
-    return loss_sum, num_tokens, {"lm loss": report}
-
-
-def _loss_with_floor(loss_mask, penalty_fn, output_tensor):
-    """:func:`_loss_func` plus the entropy-floor penalty of this micro-batch.
-
-    The penalty is added per token (``penalty * num_tokens`` to the token-loss sum), so after
-    Megatron divides by the token count the objective is ``lm_loss + penalty``; the reported
-    ``lm loss`` stays the language-model loss alone.
-    """
-    loss_sum, num_tokens, report = _loss_func(loss_mask, output_tensor)
-    penalty = penalty_fn()
-    if penalty is not None:
-        loss_sum = loss_sum + penalty * num_tokens
-    return loss_sum, num_tokens, report
-
-
-def _global_loss(loss_dicts: list[dict], info: ParallelInfo, device: torch.device) -> float:
-    """Mean token loss over the global batch, identical on every rank.
-
-    Only the last pipeline stage holds loss reports; each data-parallel replica's tp-rank-0 copy
-    is summed over the whole world so every rank (all stages) gets the same value.
-    """
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    if info.is_last_stage and info.tp_rank == 0:
-        for d in loss_dicts:
-            totals += d["lm loss"].to(device=device, dtype=torch.float64)
-    if torch.distributed.is_initialized() and info.world_size > 1:
-        torch.distributed.all_reduce(totals)
-    return (totals[0] / totals[1].clamp(min=1)).item()
-
-
-def check_entropy_floor_layout(cfg: ExperimentConfig) -> None:
-    """The entropy floor adds its penalty in the loss, so every upper layer must be on the last
-    pipeline stage (true for PP=1 and for PP=2 with an even layer count).
-
-    Raises:
-        ConfigError: naming the pipeline size when an upper layer sits on an earlier stage.
-    """
-    layers, pp = cfg.model.num_layers, cfg.parallel.pipeline_model_parallel_size
-    first_on_last_stage = layers - layers // pp + 1
-    if first_on_last_stage > layers // 2 + 1:
-        raise ConfigError(
-            "parallel.pipeline_model_parallel_size",
-            f"optim.entropy_floor needs all upper-half layers ({layers // 2 + 1}-{layers}) on "
-            f"the last pipeline stage, but with PP={pp} it starts at layer {first_on_last_stage}",
-        )
-
-
 class Trainer:
-    """Holds the built model, optimizer and data for one run; :meth:`run` trains it."""
+    """Holds the built model, optimizer and data for one run; :meth:`run` trains it.
 
-    def __init__(self, cfg: ExperimentConfig, info: ParallelInfo):
+    Args:
+        cfg: the recipe.
+        info: this process's place in the parallel layout.
+        callbacks: the experiment's hooks; default
+            :func:`~megatron_qk.training.callbacks.defaults.default_callbacks`. More can be added
+            with :meth:`add_callback` before :meth:`run`.
+    """
+
+    def __init__(
+        self, cfg: ExperimentConfig, info: ParallelInfo, callbacks: list[Callback] | None = None
+    ):
         from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        from megatron_qk.models.builder import build_gpt_model, transformer_config_from
-        from megatron_qk.models.params import annotate_param_roles
-        from megatron_qk.optim.param_groups import build_optimizer
-        from megatron_qk.training.wrapping import attach_schedule_hooks, wrap_for_training
 
         self.cfg, self.info = cfg, info
         self.run_dir = Path(cfg.training.output_dir)
@@ -118,8 +74,6 @@ class Trainer:
         self.bf16 = cfg.training.precision == "bf16" or (
             cfg.training.precision == "auto" and torch.cuda.is_available()
         )
-        from megatron_qk.models.speed import training_speed_flags
-
         self.tf_config = transformer_config_from(cfg, bf16=self.bf16, **training_speed_flags())
         model = build_gpt_model(cfg, config=self.tf_config, init_seed=cfg.training.seed)
         annotate_param_roles(model)
@@ -141,24 +95,37 @@ class Trainer:
         )
         self.step = 0
         self.consumed_samples = 0
-        self.releases: dict[str, dict] = {}
+        # The step of the last checkpoint saved or resumed from in this process (None: none).
+        self.saved_step: int | None = None
         self.last_eval: dict | None = None
+        # The diag record of the latest evaluation (set by the diagnostics callback).
         self.last_diag: dict | None = None
-        self.sharp_crossing: dict | None = None
-        self._floor_weight = 0.0
-        maturity = any(r.release == "maturity" for r in cfg.optim.rules)
-        self._diagnostics_needed = (
-            cfg.diagnostics.enabled or maturity or cfg.optim.entropy_floor.enabled
-        )
-        if cfg.optim.entropy_floor.enabled:
-            check_entropy_floor_layout(cfg)
-        from megatron_qk.models.builder import padded_vocab_size
-        from megatron_qk.training.throughput import StepProfiler, ThroughputMeter
-
+        # A per-token loss term of the current training micro-batch, set by a callback for the
+        # forward/backward passes of one step (the entropy floor), else None.
+        self.loss_penalty: Callable[[], torch.Tensor | None] | None = None
         self.throughput = ThroughputMeter(cfg, padded_vocab_size(cfg), info.world_size)
-        self.profiler = StepProfiler(cfg, info.rank, self.run_dir)
-        # A PreemptionWatch polled after every step (train_from_config sets it), or None.
-        self.preemption = None
+        self.callbacks = default_callbacks(cfg, info) if callbacks is None else list(callbacks)
+        self._sinks: MetricsSinks | None = None
+        self._bar: ProgressBar | None = None
+
+    def add_callback(self, callback: Callback) -> None:
+        """Append a callback (its hooks run after the others')."""
+        self.callbacks.append(callback)
+
+    def position(self, step: int | None = None) -> records.Position:
+        """Step, fraction of the plan and tokens after ``step`` (default: the current) steps."""
+        step = self.step if step is None else step
+        return records.Position.after(step, self.planned_steps, self.cfg.tokens_per_step())
+
+    def log(self, record: dict) -> None:
+        """Write a metrics record to the run's sinks (nothing outside :meth:`run`)."""
+        if self._sinks is not None:
+            self._sinks.write(record)
+
+    def announce(self, text: str) -> None:
+        """Print a line above the progress bar (nothing outside :meth:`run`)."""
+        if self._bar is not None:
+            self._bar.write(text)
 
     # ----------------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
@@ -167,18 +134,12 @@ class Trainer:
         output = model(
             batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
         )
-        if self._floor_weight > 0:
-            return output, partial(_loss_with_floor, batch["loss_mask"], self._floor_penalty)
-        return output, partial(_loss_func, batch["loss_mask"])
+        if self.loss_penalty is not None:
+            loss_fn = partial(losses.token_loss_with_penalty, batch["loss_mask"], self.loss_penalty)
+            return output, loss_fn
+        return output, partial(losses.token_loss, batch["loss_mask"])
 
-    def _floor_penalty(self) -> torch.Tensor | None:
-        upper_entropy = self.recorder.pop_upper_entropy()
-        if upper_entropy is None:
-            return None
-        floor = self.cfg.optim.entropy_floor
-        return entropy_floor_penalty(upper_entropy, floor.h0, self._floor_weight)
-
-    def _run_batches(
+    def run_batches(
         self,
         dataset,
         start: int,
@@ -186,6 +147,18 @@ class Trainer:
         num_microbatches: int | None = None,
         data_iterator=None,
     ) -> float:
+        """Forward (and, unless ``forward_only``, backward) passes over one global batch.
+
+        Args:
+            dataset: the dataset the micro-batches are cut from.
+            start: index of the batch's first sample in ``dataset``.
+            forward_only: no backward pass (evaluation).
+            num_microbatches: micro-batches per data-parallel rank (default: the training's).
+            data_iterator: micro-batches to run instead of the ones cut from ``dataset``.
+
+        Returns:
+            The mean token loss over the batch, identical on every rank.
+        """
         t = self.cfg.training
         num_microbatches = num_microbatches or self.num_microbatches
         it = data_iterator or micro_batches(
@@ -206,19 +179,20 @@ class Trainer:
             micro_batch_size=t.micro_batch_size,
             forward_only=forward_only,
         )
-        return _global_loss(loss_dicts, self.info, self.info.device)
+        return losses.global_loss(loss_dicts, self.info, self.info.device)
 
     def train_step(self) -> dict:
         """One optimizer step on the next global batch; returns the train record."""
         t = self.cfg.training
+        for cb in self.callbacks:
+            cb.pre_step(self)
         start = time.perf_counter()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        self._floor_weight = self.scheduler.entropy_floor_weight()
-        floor = self.recorder.entropy_floor() if self._floor_weight > 0 else nullcontext()
-        with floor:
-            loss = self._run_batches(self.datasets.train, self.consumed_samples, forward_only=False)
-        self._floor_weight = 0.0
+        with contextlib.ExitStack() as stack:
+            for cb in self.callbacks:
+                stack.enter_context(cb.forward_backward(self))
+            loss = self.run_batches(self.datasets.train, self.consumed_samples, forward_only=False)
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss is {loss} at step {self.step + 1}; the step was not applied. "
@@ -234,19 +208,17 @@ class Trainer:
         self.step += 1
         self.consumed_samples += t.global_batch_size
         elapsed = time.perf_counter() - start
-        record = {
-            "kind": "train",
-            "step": self.step,
-            "tokens": self.consumed_samples * self.cfg.model.seq_length,
-            "frac": self.step / self.planned_steps,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "step_seconds": elapsed,
-        }
-        record.update(self.throughput.fields(elapsed))  # tokens/s, TFLOP/s/GPU, MFU, memory
-        for name, factor in multipliers.items():
-            record[f"mult/{name}"] = factor
+        record = records.train_record(
+            self.position(),
+            loss=loss,
+            lr=lr,
+            grad_norm=float(grad_norm) if grad_norm is not None else None,
+            step_seconds=elapsed,
+            throughput=self.throughput.fields(elapsed),  # tokens/s, TFLOP/s/GPU, MFU, memory
+            multipliers=multipliers,
+        )
+        for cb in self.callbacks:
+            cb.post_step(self, record)
         return record
 
     def _base_lr(self) -> float:
@@ -257,84 +229,37 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss/perplexity (and the diag probes) on the fixed held-out batches.
+        """Validation loss/perplexity on the fixed held-out batches, then the callbacks'
+        :meth:`~megatron_qk.training.callbacks.base.Callback.on_eval` (the diag probes, ...).
 
-        The model is in eval mode for the duration (no dropout), then back in train mode.
+        The model is in eval mode for the duration (no dropout), then back in train mode. The
+        eval record is logged (inside :meth:`run`) and kept as ``last_eval``.
         """
         for chunk in self.model_chunks:
             chunk.eval()
         try:
-            return self._evaluate()
+            t = self.cfg.training
+            val_losses = [
+                self.run_batches(self.datasets.valid, i * t.global_batch_size, forward_only=True)
+                for i in range(t.eval_iters)
+            ]
+            record = records.eval_record(
+                self.position(), val_loss=sum(val_losses) / len(val_losses)
+            )
+            self.last_eval = record
+            self.log(record)
+            self.last_diag = None
+            for cb in self.callbacks:
+                cb.on_eval(self, record)
+            return record
         finally:
             for chunk in self.model_chunks:
                 chunk.train()
 
-    def _evaluate(self) -> dict:
-        t = self.cfg.training
-        losses = []
-        for i in range(t.eval_iters):
-            losses.append(
-                self._run_batches(self.datasets.valid, i * t.global_batch_size, forward_only=True)
-            )
-        val_loss = sum(losses) / len(losses)
-        self.last_diag = self._diagnose() if self._diagnostics_needed else None
-        return {
-            "kind": "eval",
-            "step": self.step,
-            "tokens": self.consumed_samples * self.cfg.model.seq_length,
-            "frac": self.step / self.planned_steps,
-            "val_loss": val_loss,
-            "val_ppl": math.exp(min(val_loss, 700.0)),
-        }
-
-    @torch.no_grad()
-    def _diagnose(self) -> dict:
-        """Attention probes on the fixed held-out diagnostic sequences (collective).
-
-        Exactly the first ``diagnostics.num_sequences`` validation samples, whatever the layout:
-        they are dealt over whole micro-batches of the data-parallel ranks, the slots past the
-        last one are padded and masked out of the statistics (``valid_rows``), so every layout
-        gives the same ``diag`` values and the same release. They go through the model's own
-        forward pass; the recorder recomputes each layer's attention from its post-RoPE Q/K.
-        """
-        t, d = self.cfg.training, self.cfg.diagnostics
-        per_round = t.micro_batch_size * self.info.dp_size
-        rounds = max(1, -(-d.num_sequences // per_round))
-        batches = held_out_micro_batches(
-            self.datasets.valid,
-            d.num_sequences,
-            rounds,
-            t.micro_batch_size,
-            self.info.dp_rank,
-            self.info.dp_size,
-            self.info.device,
-        )
-        with self.recorder.statistics():
-            self._run_batches(
-                self.datasets.valid, 0, True, num_microbatches=rounds, data_iterator=batches
-            )
-        record = self.recorder.reduce(self.info.device)
-        return {
-            "kind": "diag",
-            "step": self.step,
-            "tokens": self.consumed_samples * self.cfg.model.seq_length,
-            "frac": self.step / self.planned_steps,
-            "sequences": d.num_sequences,
-            **record,
-        }
-
     # ----------------------------------------------------------------------------------------
     def save(self) -> Path:
         """Checkpoint the current state (collective), then rotate old interval checkpoints."""
-        path = self._save()
-        if self.info.is_logging_rank:
-            checkpoint_plan.rotate_checkpoints(self.cfg, self.run_dir / "checkpoints")
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        return path
-
-    def _save(self) -> Path:
-        return ckpt.save_checkpoint(
+        path = ckpt.save_checkpoint(
             self.run_dir / "checkpoints",
             self.model_chunks,
             self.optimizer,
@@ -342,12 +267,22 @@ class Trainer:
                 step=self.step,
                 consumed_samples=self.consumed_samples,
                 scheduler=self.scheduler.state_dict(),
-                extra={"releases": self.releases, "sharp_crossing": self.sharp_crossing},
+                extra={cb.state_key: cb.state_dict() for cb in self.callbacks if cb.state_key},
             ),
         )
+        self.saved_step = self.step
+        if self.info.is_logging_rank:
+            checkpoint_plan.rotate_checkpoints(self.cfg, self.run_dir / "checkpoints")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return path
 
     def maybe_resume(self) -> bool:
-        """Resume from the latest checkpoint in the run directory, if any and allowed."""
+        """Resume from the latest checkpoint in the run directory, if any and allowed.
+
+        The scheduler holds the release state; a ``releases`` entry that older checkpoints also
+        keep in ``extra`` duplicates it and is not read.
+        """
         if not self.cfg.training.resume:
             return False
         path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
@@ -358,171 +293,83 @@ class Trainer:
         )
         self.scheduler.load_state_dict(state.scheduler)
         self.step, self.consumed_samples = state.step, state.consumed_samples
-        self.releases = dict(state.extra.get("releases", {}))
-        self.sharp_crossing = state.extra.get("sharp_crossing")
+        self.saved_step = self.step
+        for cb in self.callbacks:
+            if cb.state_key:
+                cb.load_state_dict(state.extra.get(cb.state_key))
         return True
-
-    def _event_records(self, events) -> list[dict]:
-        records = []
-        for ev in events:
-            frac = ev.step / self.planned_steps
-            self.releases[ev.rule] = {"step": ev.step, "frac": frac, "reason": ev.reason}
-            # Maturity rules: the score and threshold in force at the release.
-            at_release = {}
-            if ev.threshold is not None:
-                at_release = {k: getattr(ev, k) for k in ("score", "threshold", "threshold_mode")}
-            self.releases[ev.rule].update(at_release)
-            records.append(
-                {
-                    "kind": "release",
-                    "rule": ev.rule,
-                    "reason": ev.reason,
-                    "step": ev.step,
-                    "frac": frac,
-                    "tokens": ev.step
-                    * self.cfg.training.global_batch_size
-                    * self.cfg.model.seq_length,
-                    **at_release,
-                }
-            )
-        return records
 
     def run(self) -> dict:
         """Train to the planned step (or ``exit_after_steps``) and return the summary."""
         cfg, info, t = self.cfg, self.info, self.cfg.training
-        if info.is_logging_rank:
-            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if t.resume:
-                check_resume_compatible(self.run_dir, cfg)
-            claim_run_dir(self.run_dir, cfg)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        run_files.claim(cfg, info, self.run_dir)
         resumed = self.maybe_resume()
         if resumed and self.step >= self.end_step:
-            summary_path = self.run_dir / "summary.json"
-            if summary_path.exists():
+            summary = run_files.finished_summary(self.run_dir)
+            if summary is not None:
                 logger.info("run in %s already finished; nothing to do", self.run_dir)
-                return json.loads(summary_path.read_text(encoding="utf-8"))
-        if info.is_logging_rank:
-            if resumed:
-                truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-            elif (self.run_dir / "metrics.jsonl").exists():
-                (self.run_dir / "metrics.jsonl").unlink()  # a fresh start replaces old lines
-            write_config(self.run_dir, cfg, info.world_size)
-        sinks = MetricsSinks(
-            self.run_dir,
-            enabled=info.is_logging_rank,
-            tensorboard=cfg.logging.tensorboard,
-            wandb_mode=cfg.logging.wandb,
-            wandb_project=cfg.logging.wandb_project,
-            run_name=f"{cfg.name}-{cfg.arm}-s{t.seed}",
-            config_dict=config_to_dict(cfg),
-        )
-        bar = ProgressBar(
-            info.is_logging_rank and cfg.logging.progress_bar,
-            total=self.planned_steps,
-            initial=self.step,
-            desc=f"{cfg.name}/{cfg.arm}",
-            log_lines=info.is_logging_rank,
-        )
+                return summary
+        run_files.start_metrics(cfg, info, self.run_dir, self.step if resumed else None)
+        self._sinks = run_files.open_sinks(cfg, info, self.run_dir)
+        self._bar = run_files.open_progress_bar(cfg, info, self.planned_steps, self.step)
         if resumed:
-            bar.write(f"resumed from step {self.step} ({self.consumed_samples} samples)")
-        start_step = saved_at = self.step
-        stop_at = self.end_step
-        if t.exit_after_steps is not None:
-            stop_at = min(stop_at, self.step + t.exit_after_steps)
+            self.announce(f"resumed from step {self.step} ({self.consumed_samples} samples)")
+        start_step = self.step
         try:
-            if self.step == 0 and t.eval_interval:
-                self._evaluate_and_log(sinks, bar)
-            while self.step < stop_at:
-                self.profiler.before_step(self.step + 1)
-                record = self.train_step()
-                self.profiler.after_step(self.step)
-                for rec in self._event_records(self.scheduler.pop_events()):
-                    sinks.write(rec)
-                if self.step % t.log_interval == 0 or self.step == stop_at:
-                    sinks.write(record)
-                bar.update(record["loss"], record["tokens_per_second"], record["lr"])
-                is_last = self.step == self.end_step
-                if is_last or (t.eval_interval and self.step % t.eval_interval == 0):
-                    self._evaluate_and_log(sinks, bar)
-                if checkpoint_plan.is_save_step(cfg, self.step) and self.step != stop_at:
-                    self.save()
-                    saved_at = self.step
-                if self.preemption is not None:
-                    saved_at = self._stop_if_preempted(sinks, bar, saved_at)
-            if self.step > start_step and saved_at != self.step:
+            for cb in self.callbacks:
+                cb.pre_train(self)
+            self._train_loop()
+            if self.step > start_step and self.saved_step != self.step:
                 self.save()
         finally:
-            self.profiler.close()
-            bar.close()
-            sinks.close()
+            for cb in self.callbacks:
+                cb.post_train(self)
+            self._bar.close()
+            self._sinks.close()
+            self._bar = self._sinks = None
         if self.step == self.end_step and self.last_eval is None and t.eval_interval:
             # Resumed from the final checkpoint of a run killed before its summary was written.
-            self.last_eval = self.evaluate()
-        summary = self._summary()
+            self.evaluate()
+        summary = self.summary()
         if info.is_logging_rank and self.step == self.end_step:
             write_summary(self.run_dir, summary)
         return summary
 
-    def _stop_if_preempted(self, sinks: MetricsSinks, bar: ProgressBar, saved_at: int) -> int:
-        """After a step: if any rank got SIGTERM/SIGUSR1, save, log the event and stop."""
-        from megatron_qk.training.preemption import PreemptedError, preempted_record
+    def _train_loop(self) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        stop_at = self.end_step
+        if t.exit_after_steps is not None:
+            stop_at = min(stop_at, self.step + t.exit_after_steps)
+        if self.step == 0 and t.eval_interval:
+            self._evaluate_and_announce()
+        while self.step < stop_at:
+            record = self.train_step()
+            if self.step % t.log_interval == 0 or self.step == stop_at:
+                self.log(record)
+            self._bar.update(record["loss"], record["tokens_per_second"], record["lr"])
+            is_last = self.step == self.end_step
+            if is_last or (t.eval_interval and self.step % t.eval_interval == 0):
+                self._evaluate_and_announce()
+            if checkpoint_plan.is_save_step(cfg, self.step) and self.step != stop_at:
+                self.save()
+            for cb in self.callbacks:
+                cb.end_of_step(self)
 
-        signal_name = self.preemption.poll(self.info.device)
-        if signal_name is None or self.step >= self.planned_steps:
-            return saved_at  # at the last step the run finishes (final save and summary)
-        path = (
-            self.save()
-            if saved_at != self.step
-            else ckpt.latest_checkpoint(self.run_dir / "checkpoints")
-        )
-        tokens = self.consumed_samples * self.cfg.model.seq_length
-        frac = self.step / self.planned_steps
-        sinks.write(preempted_record(self.step, frac, tokens, signal_name, str(path)))
-        bar.write(f"{signal_name}: saved {path} after step {self.step}; stopping")
-        raise PreemptedError(self.step, signal_name, str(path))
-
-    def _evaluate_and_log(self, sinks: MetricsSinks, bar: ProgressBar) -> None:
+    def _evaluate_and_announce(self) -> None:
         record = self.evaluate()
-        self.last_eval = record
-        sinks.write(record)
-        if self.last_diag is not None:
-            diag = self.last_diag
-            uniform = diag.get("lower_copy_uniform", math.nan)
-            diag["maturity_score"] = self.scheduler.maturity_score(diag["lower_copy"], uniform)
-            sinks.write(self.last_diag)
-            crossing = self._sharp_crossing_record(self.last_diag)
-            if crossing is not None:
-                sinks.write(crossing)
-                bar.write(
-                    f"upper entropy {crossing['upper_entropy']:.3f} crossed the sharpness "
-                    f"threshold {crossing['threshold']} at step {crossing['step']}"
-                )
-            self.scheduler.observe_evaluation(self.step, diag["lower_copy"], uniform)
-            for rec in self._event_records(self.scheduler.pop_events()):
-                sinks.write(rec)
-                bar.write(f"release {rec['rule']} ({rec['reason']}) at step {rec['step']}")
-        bar.write(
+        self.announce(
             f"step {self.step}/{self.planned_steps}: val_loss {record['val_loss']:.4f} "
             f"ppl {record['val_ppl']:.2f}"
         )
 
-    def _sharp_crossing_record(self, diag: dict) -> dict | None:
-        """The ``event`` line of the first evaluation whose upper entropy is below the threshold."""
-        threshold = self.cfg.diagnostics.sharp_entropy_threshold
-        if self.sharp_crossing is not None or not diag["upper_entropy"] < threshold:
-            return None
-        self.sharp_crossing = {"step": diag["step"], "frac": diag["frac"], "tokens": diag["tokens"]}
-        return {
-            "kind": "event",
-            "event": "sharp_entropy_crossing",
-            **self.sharp_crossing,
-            "upper_entropy": diag["upper_entropy"],
-            "threshold": threshold,
-        }
+    def _state_of(self, callback_type: type[Callback]):
+        for cb in self.callbacks:
+            if isinstance(cb, callback_type):
+                return cb.state_dict()
+        return None
 
-    def _summary(self) -> dict:
+    def summary(self) -> dict:
+        """The run's ``summary.json`` content at the current step."""
         last = self.last_eval or {}
         return {
             "name": self.cfg.name,
@@ -531,11 +378,11 @@ class Trainer:
             "steps": self.step,
             "planned_steps": self.planned_steps,
             "finished": self.step == self.planned_steps,
-            "tokens": self.consumed_samples * self.cfg.model.seq_length,
+            "tokens": self.position().tokens,
             "final_val_loss": last.get("val_loss"),
             "final_val_ppl": last.get("val_ppl"),
-            "release": dict(self.releases),
-            "sharp_entropy_crossing": self.sharp_crossing,
+            "release": self.scheduler.releases(),
+            "sharp_entropy_crossing": self._state_of(SharpEntropyEvent),
             # Stopped on purpose at training.stop_at_frac (not finished, but complete).
             "stopped": self.step == self.end_step < self.planned_steps,
             "data_order": self.data_order,

@@ -65,16 +65,3 @@ class PreemptionWatch:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         number = int(flag.item())
         return signal.Signals(number).name if number else None
-
-
-def preempted_record(step: int, frac: float, tokens: int, signal_name: str, checkpoint: str):
-    """The ``event`` line written to metrics.jsonl when a run stops for preemption."""
-    return {
-        "kind": "event",
-        "event": "preempted",
-        "step": step,
-        "frac": frac,
-        "tokens": tokens,
-        "signal": signal_name,
-        "checkpoint": checkpoint,
-    }

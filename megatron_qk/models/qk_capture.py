@@ -6,14 +6,13 @@ hands ``(query, key)`` to a probe when one is attached. Megatron calls core atte
 queries and keys *after* RoPE and, under sequence parallelism, after the all-gather, so the probe
 sees exactly what the attention kernel sees. A probe may return a replacement ``(query, key)``
 (the evaluation-time Q/K ablation does). With no probe attached the cost is one attribute check
-per layer. :mod:`megatron_qk.diagnostics.recorder` attaches the probes.
+per layer. It lives beside the layer spec (:mod:`megatron_qk.models.specs`) that installs it;
+:mod:`megatron_qk.diagnostics.recorder` attaches the probes.
 """
 
 from __future__ import annotations
 
 import math
-
-import torch
 
 _CAPTURING_CLASSES: dict[type, type] = {}
 
@@ -44,10 +43,3 @@ def softmax_scale(module, head_dim: int) -> float:
     """The scale the core-attention module applies to ``q . k`` (default ``1/sqrt(hn)``)."""
     scale = getattr(module, "softmax_scale", None)
     return float(scale) if scale else 1.0 / math.sqrt(head_dim)
-
-
-def bare_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``GPTModel`` inside DDP / Float16Module wrappers."""
-    while not hasattr(model, "decoder") and hasattr(model, "module"):
-        model = model.module
-    return model
