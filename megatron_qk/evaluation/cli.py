@@ -13,13 +13,12 @@ for one checkpoint), where ``megatron-qk compare`` finds it.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from megatron_qk.evaluation.suite import PAPER_SUITE
+from megatron_qk.rundir.atomic import write_json_atomic
 from megatron_qk.rundir.cli_args import add_checkpoint_argument
 
 
@@ -157,9 +156,7 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    write_json_atomic(out, report)
     _print_table(report)
     print(f"eval: step {report['step']} of {report['run_dir']}; report written to {out}")
     return 0

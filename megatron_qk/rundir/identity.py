@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_qk.config.schema import ConfigError
+from megatron_qk.rundir.atomic import write_json_atomic
 from megatron_qk.rundir.config_hash import hash_config
 
 IDENTITY_FILE = "run_identity.json"
@@ -65,13 +66,7 @@ def write_identity(run_dir: Path, recipe_sha256: str) -> None:
         "recipe_sha256": recipe_sha256,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    tmp = run_dir / f"{IDENTITY_FILE}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / IDENTITY_FILE)
+    write_json_atomic(run_dir / IDENTITY_FILE, record)
 
 
 def _foreign_paths(run_dir: Path, uid: int) -> list[str]:

@@ -29,6 +29,7 @@ from megatron_qk.models.checkpoint_layout import (
     canonical_sharded_state_dict,
     load_canonical_state_dict,
 )
+from megatron_qk.rundir.atomic import write_text_atomic
 from megatron_qk.training.safe_load import (
     check_dist_checkpoint,
     check_extra_states,
@@ -193,9 +194,7 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        marker_tmp = ckpt_root / f"{LATEST_FILE}.tmp"
-        marker_tmp.write_text(name + "\n", encoding="utf-8")
-        os.replace(marker_tmp, ckpt_root / LATEST_FILE)
+        write_text_atomic(ckpt_root / LATEST_FILE, name + "\n")
     _barrier()
     return final
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import subprocess
 import sys
@@ -13,6 +11,7 @@ import yaml
 
 from megatron_qk.config.loader import config_to_dict, dump_config
 from megatron_qk.config.schema import ConfigError, ExperimentConfig
+from megatron_qk.rundir.atomic import write_json_atomic, write_text_atomic
 from megatron_qk.rundir.config_hash import flatten_config
 
 # Keys that may differ between the first launch of a run and a resume.
@@ -118,13 +117,9 @@ def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
 def write_config(run_dir: Path, cfg: ExperimentConfig, world_size: int) -> None:
     """Write ``config.yaml`` atomically."""
     text = dump_config(cfg, extra=run_metadata(world_size))
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, run_dir / "config.yaml")
+    write_text_atomic(run_dir / "config.yaml", text)
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
     """Write ``summary.json`` atomically."""
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / "summary.json")
+    write_json_atomic(run_dir / "summary.json", summary, sort_keys=True)
