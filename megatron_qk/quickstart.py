@@ -130,7 +130,7 @@ def _train(out: Path, prefix: str, arm: str, args: argparse.Namespace) -> Path:
 def _diagnose(run_dir: Path) -> None:
     """Stage 4: every checkpoint of a run not yet in its diagnose.json."""
     from megatron_qk.diagnostics.diagnose_cli import DEFAULT_OUT_NAME, diagnose_checkpoints
-    from megatron_qk.training.checkpoint import list_checkpoints
+    from megatron_qk.rundir.layout import list_checkpoints
 
     diagnose_checkpoints(
         list_checkpoints(run_dir / "checkpoints"),

@@ -8,6 +8,13 @@ import os
 import pytest
 
 from megatron_qk.rundir.atomic import atomic_open, write_bytes_atomic, write_json_atomic
+from megatron_qk.rundir.layout import (
+    checkpoint_name,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_checkpoint,
+)
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
@@ -35,3 +42,37 @@ def test_atomic_write_uses_the_umask_like_open(tmp_path):
     write_json_atomic(tmp_path / "a.json", [1])
     (tmp_path / "b.json").write_text(json.dumps([1]))
     assert (tmp_path / "a.json").stat().st_mode == (tmp_path / "b.json").stat().st_mode
+
+
+def _checkpoint(root, step):
+    path = root / checkpoint_name(step)
+    path.mkdir(parents=True)
+    (path / "train_state.pt").write_bytes(b"")
+    return path
+
+
+def test_checkpoint_names_parse_back_and_list_only_complete_ones(tmp_path):
+    assert checkpoint_name(42) == "iter_0000042"
+    assert checkpoint_step("iter_0000042") == 42 and checkpoint_step("iter_42") is None
+    assert checkpoint_step("iter_0000042.tmp") is None
+    root = tmp_path / "run" / "checkpoints"
+    old, new = _checkpoint(root, 5), _checkpoint(root, 10)
+    (root / "iter_0000015").mkdir()  # no train_state.pt: incomplete
+    (root / "iter_0000020.tmp").mkdir()
+    (root / "iter_0000020.tmp" / "train_state.pt").write_bytes(b"")
+    assert list_checkpoints(root) == [old, new]
+    assert latest_checkpoint(root) is None
+    (root / "latest").write_text("iter_0000010\n")
+    assert latest_checkpoint(root) == new
+
+
+def test_resolve_checkpoint_accepts_run_dir_checkpoints_dir_and_one_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    first, last = _checkpoint(run / "checkpoints", 5), _checkpoint(run / "checkpoints", 10)
+    (run / "checkpoints" / "latest").write_text("iter_0000010\n")
+    (run / "config.yaml").write_text("{}\n")
+    assert resolve_checkpoint(run) == (last, run)
+    assert resolve_checkpoint(run / "checkpoints") == (last, run)
+    assert resolve_checkpoint(first) == (first, run)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "missing")

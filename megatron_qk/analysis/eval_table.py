@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from megatron_qk.evaluation.suite import PAPER_SUITE, REPORT_FORMAT
+from megatron_qk.rundir.layout import EVAL_GLOB
 
-EVAL_GLOB = "eval*.json"
 TASK_LABELS = {
     "piqa": "PIQA",
     "hellaswag": "HellaSwag",

@@ -303,9 +303,8 @@ def merge_results(out: Path, run_dir: Path, results: list[dict]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Diagnose one or all checkpoints and merge the results into the output JSON."""
-    from megatron_qk.training.checkpoint import list_checkpoints
+    from megatron_qk.rundir.layout import list_checkpoints, resolve_checkpoint
     from megatron_qk.training.distributed import teardown_distributed
-    from megatron_qk.training.restore import resolve_checkpoint
 
     if min(args.num_sequences, args.batch_size, args.ablation_sequences) < 1:
         raise SystemExit("megatron-qk diagnose: --num-sequences and --batch-size must be >= 1")

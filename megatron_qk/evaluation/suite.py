@@ -22,6 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron_qk.rundir.layout import (
+    CONFIG_FILE,
+    EVAL_FILE,
+    eval_file_name,
+    is_checkpoint,
+    resolve_checkpoint,
+)
+
 if TYPE_CHECKING:
     from megatron_qk.config.schema import ExperimentConfig
     from megatron_qk.data.tokenizer import TokenizerInfo
@@ -295,9 +303,9 @@ def default_output_path(checkpoint_arg: str | Path, checkpoint_dir: Path, run_di
     ``RUN_DIR/eval.json`` when ``--checkpoint`` names the run (or its ``checkpoints/``), i.e. the
     newest checkpoint; ``RUN_DIR/eval_iter_XXXXXXX.json`` when it names one checkpoint.
     """
-    if (Path(checkpoint_arg) / "train_state.pt").exists():
-        return run_dir / f"eval_{checkpoint_dir.name}.json"
-    return run_dir / "eval.json"
+    if is_checkpoint(Path(checkpoint_arg)):
+        return run_dir / eval_file_name(checkpoint_dir)
+    return run_dir / EVAL_FILE
 
 
 def evaluate_checkpoint(
@@ -343,15 +351,15 @@ def evaluate_checkpoint(
     from megatron_qk.config.loader import load_resolved_config
     from megatron_qk.data.tokenizer import load_tokenizer
     from megatron_qk.evaluation.adapter import MegatronLM
-    from megatron_qk.training.restore import load_checkpoint_for_analysis, resolve_checkpoint
+    from megatron_qk.training.restore import load_checkpoint_for_analysis
 
     start = time.time()
     if dtype not in ("auto", "fp32", "bf16"):
         raise EvalError(f"dtype must be auto, fp32 or bf16, got {dtype!r}")
     ckpt, run_dir = resolve_checkpoint(checkpoint)
-    cfg = load_resolved_config(run_dir / "config.yaml")
+    cfg = load_resolved_config(run_dir / CONFIG_FILE)
     tok = load_tokenizer(tokenizer)
-    check_tokenizer(cfg, tok, run_dir / "config.yaml")
+    check_tokenizer(cfg, tok, run_dir / CONFIG_FILE)
     manager, resolved = resolve_tasks(tasks, task_dirs, trust_task_code)
     task_objects = load_tasks(manager, resolved)
 

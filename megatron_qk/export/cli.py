@@ -21,6 +21,13 @@ import sys
 from pathlib import Path
 
 from megatron_qk.rundir.cli_args import add_checkpoint_argument
+from megatron_qk.rundir.layout import (
+    CONFIG_FILE,
+    checkpoint_name,
+    checkpoints_dir,
+    is_checkpoint,
+    resolve_checkpoint,
+)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -42,14 +49,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _checkpoint_path(checkpoint: str, step: int | None) -> Path:
-    from megatron_qk.training.checkpoint import checkpoint_name
-    from megatron_qk.training.restore import resolve_checkpoint
-
     if step is None:
         return Path(checkpoint)
     _, run_dir = resolve_checkpoint(checkpoint)
-    path = run_dir / "checkpoints" / checkpoint_name(step)
-    if not (path / "train_state.pt").exists():
+    path = checkpoints_dir(run_dir) / checkpoint_name(step)
+    if not is_checkpoint(path):
         raise FileNotFoundError(f"no complete checkpoint for --step {step} ({path})")
     return path
 
@@ -64,7 +68,7 @@ def export_checkpoint(checkpoint: str, out: Path, fmt: str, step=None, tokenizer
     from megatron_qk.data.tokenizer import load_tokenizer
     from megatron_qk.evaluation.suite import check_tokenizer
     from megatron_qk.export.hf import ExportError
-    from megatron_qk.training.restore import load_checkpoint_for_analysis, resolve_checkpoint
+    from megatron_qk.training.restore import load_checkpoint_for_analysis
 
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"--out {out} exists and is not empty")
@@ -73,8 +77,8 @@ def export_checkpoint(checkpoint: str, out: Path, fmt: str, step=None, tokenizer
     tok = load_tokenizer(tokenizer)
     from megatron_qk.config.loader import load_resolved_config
 
-    cfg = load_resolved_config(run_dir / "config.yaml")
-    check_tokenizer(cfg, tok, run_dir / "config.yaml")
+    cfg = load_resolved_config(run_dir / CONFIG_FILE)
+    check_tokenizer(cfg, tok, run_dir / CONFIG_FILE)
     # Written next to ``out`` and renamed at the end: an interrupted export leaves no half model.
     work = out.with_name(out.name + ".tmp")
     shutil.rmtree(work, ignore_errors=True)

@@ -28,8 +28,8 @@ from typing import Any
 from megatron_qk.config.schema import ConfigError
 from megatron_qk.rundir.atomic import write_json_atomic
 from megatron_qk.rundir.config_hash import hash_config
+from megatron_qk.rundir.layout import IDENTITY_FILE, checkpoints_dir
 
-IDENTITY_FILE = "run_identity.json"
 _START_OVER = "use another training.output_dir, or set training.resume=false to start over there"
 
 
@@ -71,8 +71,8 @@ def write_identity(run_dir: Path, recipe_sha256: str) -> None:
 
 def _foreign_paths(run_dir: Path, uid: int) -> list[str]:
     """Entries that make up the resume state but belong to another user."""
-    paths = [run_dir, run_dir / IDENTITY_FILE, run_dir / "checkpoints"]
-    ckpts = run_dir / "checkpoints"
+    ckpts = checkpoints_dir(run_dir)
+    paths = [run_dir, run_dir / IDENTITY_FILE, ckpts]
     if ckpts.is_dir():
         paths += sorted(ckpts.iterdir())
     foreign = []
@@ -95,9 +95,7 @@ def check_run_identity(run_dir: Path, recipe_sha256: str, uid: int | None = None
         ConfigError: naming the foreign owner or the differing recipe hash.
     """
     uid = os.getuid() if uid is None else uid
-    has_checkpoints = (run_dir / "checkpoints").is_dir() and any(
-        (run_dir / "checkpoints").iterdir()
-    )
+    has_checkpoints = checkpoints_dir(run_dir).is_dir() and any(checkpoints_dir(run_dir).iterdir())
     identity = read_identity(run_dir)
     if identity is None and not has_checkpoints:
         return

@@ -1,6 +1,6 @@
 """Checkpoint save/load with Megatron distributed checkpointing.
 
-Layout under ``<output_dir>/checkpoints``::
+Layout under ``<output_dir>/checkpoints`` (names in :mod:`megatron_qk.rundir.layout`)::
 
     iter_0000100/            dist_checkpointing dir: model + optimizer (sharded, any TP/PP/DP)
     iter_0000100/train_state.pt   step, consumed samples, scheduler + release-controller state
@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,14 @@ from megatron_qk.models.checkpoint_layout import (
     load_canonical_state_dict,
 )
 from megatron_qk.rundir.atomic import write_text_atomic
+from megatron_qk.rundir.layout import (
+    LATEST_FILE,
+    TRAIN_STATE_FILE,
+    checkpoint_name,
+    is_checkpoint,
+    latest_checkpoint,
+    rng_file_name,
+)
 from megatron_qk.training.safe_load import (
     check_dist_checkpoint,
     check_extra_states,
@@ -37,8 +44,6 @@ from megatron_qk.training.safe_load import (
 )
 
 logger = logging.getLogger(__name__)
-
-LATEST_FILE = "latest"
 
 
 def _barrier() -> None:
@@ -48,35 +53,6 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def checkpoint_name(step: int) -> str:
-    """Directory name of the checkpoint taken after ``step`` optimizer steps."""
-    return f"iter_{step:07d}"
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint under ``ckpt_root`` (None when there is none)."""
-    marker = ckpt_root / LATEST_FILE
-    if not marker.exists():
-        return None
-    name = marker.read_text(encoding="utf-8").strip()
-    if not re.fullmatch(r"iter_\d{7,}", name):
-        # The marker is data from a possibly shared run directory: never a path to follow.
-        raise RuntimeError(f"{marker} names {name!r}, which is not a checkpoint (iter_XXXXXXX)")
-    path = ckpt_root / name
-    if not (path / "train_state.pt").exists():
-        raise RuntimeError(f"{marker} names {name}, but {path}/train_state.pt is missing")
-    return path
-
-
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Every complete checkpoint under ``ckpt_root``, oldest first (``.tmp`` debris skipped)."""
-    return sorted(
-        p
-        for p in ckpt_root.glob("iter_*")
-        if p.is_dir() and not p.name.endswith(".tmp") and (p / "train_state.pt").exists()
-    )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -203,7 +179,7 @@ def _write_checkpoint_files(sharded: dict, tmp: Path, model_chunks: list, state:
     from megatron.core import dist_checkpointing
 
     dist_checkpointing.save(sharded, str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    torch.save(_rng_state(), tmp / rng_file_name(_rank()))
     if _rank() == 0:
         from megatron_qk.training.resume_layout import current_layout
 
@@ -216,7 +192,7 @@ def _write_checkpoint_files(sharded: dict, tmp: Path, model_chunks: list, state:
                 "layout": current_layout(),
                 "padded_vocab": getattr(unwrap_model(model_chunks[0]), "vocab_size", None),
             },
-            tmp / "train_state.pt",
+            tmp / TRAIN_STATE_FILE,
         )
 
 
@@ -242,8 +218,8 @@ def load_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    if not (path / "train_state.pt").exists():
-        raise FileNotFoundError(f"{path} is not a megatron-qk checkpoint (no train_state.pt)")
+    if not is_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a megatron-qk checkpoint (no {TRAIN_STATE_FILE})")
     from megatron_qk.training.resume_layout import (
         check_padded_vocab,
         load_optimizer_state,
@@ -251,7 +227,7 @@ def load_checkpoint(
         restore_or_reseed_rng,
     )
 
-    raw = load_state_file(path / "train_state.pt")
+    raw = load_state_file(path / TRAIN_STATE_FILE)
     check_padded_vocab(
         path, raw.get("padded_vocab"), getattr(unwrap_model(model_chunks[0]), "vocab_size", None)
     )

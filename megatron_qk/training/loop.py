@@ -22,6 +22,7 @@ import torch
 from megatron_qk.config.loader import config_to_dict
 from megatron_qk.config.schema import ConfigError, ExperimentConfig
 from megatron_qk.diagnostics.recorder import AttentionRecorder
+from megatron_qk.rundir.layout import latest_checkpoint
 from megatron_qk.training import checkpoint as ckpt
 from megatron_qk.training import checkpoint_plan
 from megatron_qk.training.data import build_datasets, held_out_micro_batches, micro_batches
@@ -349,7 +350,7 @@ class Trainer:
         """Resume from the latest checkpoint in the run directory, if any and allowed."""
         if not self.cfg.training.resume:
             return False
-        path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        path = latest_checkpoint(self.run_dir / "checkpoints")
         if path is None:
             return False
         state = ckpt.load_checkpoint(
@@ -474,7 +475,7 @@ class Trainer:
         path = (
             self.save()
             if saved_at != self.step
-            else ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+            else latest_checkpoint(self.run_dir / "checkpoints")
         )
         tokens = self.consumed_samples * self.cfg.model.seq_length
         frac = self.step / self.planned_steps

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_qk.rundir.layout import RNG_FILE_GLOB, rng_file_name
+
 logger = logging.getLogger(__name__)
 
 
@@ -62,9 +64,9 @@ def restore_or_reseed_rng(
 
     now = current_layout()
     if saved_layout is None:
-        saved_layout = {"world_size": len(list(path.glob("rng_rank*.pt")))}
+        saved_layout = {"world_size": len(list(path.glob(RNG_FILE_GLOB)))}
     same = all(saved_layout.get(k) == v for k, v in now.items() if k in saved_layout)
-    rng_file = path / f"rng_rank{rank}.pt"
+    rng_file = path / rng_file_name(rank)
     if same and rng_file.exists():
         _set_rng_state(load_state_file(rng_file))
         return True

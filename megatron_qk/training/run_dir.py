@@ -13,6 +13,7 @@ from megatron_qk.config.loader import config_to_dict, dump_config
 from megatron_qk.config.schema import ConfigError, ExperimentConfig
 from megatron_qk.rundir.atomic import write_json_atomic, write_text_atomic
 from megatron_qk.rundir.config_hash import flatten_config
+from megatron_qk.rundir.layout import CONFIG_FILE, SUMMARY_FILE
 
 # Keys that may differ between the first launch of a run and a resume.
 RESUME_FREE_KEYS = {
@@ -96,7 +97,7 @@ def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
     Raises:
         ConfigError: listing the differing keys.
     """
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG_FILE
     if not path.exists():
         return
     saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -117,9 +118,9 @@ def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
 def write_config(run_dir: Path, cfg: ExperimentConfig, world_size: int) -> None:
     """Write ``config.yaml`` atomically."""
     text = dump_config(cfg, extra=run_metadata(world_size))
-    write_text_atomic(run_dir / "config.yaml", text)
+    write_text_atomic(run_dir / CONFIG_FILE, text)
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
     """Write ``summary.json`` atomically."""
-    write_json_atomic(run_dir / "summary.json", summary, sort_keys=True)
+    write_json_atomic(run_dir / SUMMARY_FILE, summary, sort_keys=True)
