@@ -76,7 +76,8 @@ def _ablation_lines(run_dirs: dict[str, Path]) -> list[str]:
 
 def write_report(out: Path, run_dirs: dict[str, Path], corpus: dict, data_summary: dict) -> Path:
     """Write ``out/report.md`` (and the figures under ``out/figures``); return its path."""
-    from megatron_qk.analysis.compare import format_table, load_and_compare
+    from megatron_qk.analysis.compare_format import format_table
+    from megatron_qk.analysis.compare_load import load_and_compare
     from megatron_qk.analysis.plot import PANELS, plot_runs
     from megatron_qk.analysis.replay import replay_run
     from megatron_qk.config.loader import load_resolved_config

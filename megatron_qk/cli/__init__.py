@@ -28,7 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mechanism probes, upper Q/K ablation and locality diagnostic on a checkpoint",
     ),
     "plot": ("megatron_qk.analysis.plot", "Figure-3-style mechanism panels as PNG"),
-    "compare": ("megatron_qk.analysis.compare", "paired-seed comparison table of runs"),
+    "compare": ("megatron_qk.cli.compare", "paired-seed comparison table of runs"),
     "replay-release": (
         "megatron_qk.analysis.replay",
         "replay the maturity release rule on a run's logged lower-copy scores",
