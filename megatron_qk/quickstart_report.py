@@ -79,7 +79,7 @@ def write_report(out: Path, run_dirs: dict[str, Path], corpus: dict, data_summar
     from megatron_qk.analysis.compare_format import format_table
     from megatron_qk.analysis.compare_load import load_and_compare
     from megatron_qk.analysis.plot import PANELS, plot_runs
-    from megatron_qk.analysis.replay import replay_run
+    from megatron_qk.analysis.replay_log import replay_run
     from megatron_qk.config.loader import load_resolved_config
     from megatron_qk.quickstart_summary import signature_lines
 

@@ -30,7 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("megatron_qk.analysis.plot", "Figure-3-style mechanism panels as PNG"),
     "compare": ("megatron_qk.cli.compare", "paired-seed comparison table of runs"),
     "replay-release": (
-        "megatron_qk.analysis.replay",
+        "megatron_qk.cli.replay_release",
         "replay the maturity release rule on a run's logged lower-copy scores",
     ),
     "theory": ("megatron_qk.analysis.theory_cli", "evaluate the paper's theory quantities"),
