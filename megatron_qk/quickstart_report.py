@@ -33,12 +33,12 @@ def _nearest(records: list[dict], frac: float) -> dict:
 
 
 def _readout_table(run_dirs: dict[str, Path], frac: float) -> list[str]:
-    from megatron_qk.analysis.plot import load_run
+    from megatron_qk.analysis.plot import load_run_curves
 
     header = "| Arm | step (frac) | " + " | ".join(label for _, label in READOUTS) + " |"
     lines = [header, "|---|---:|" + "---:|" * len(READOUTS)]
     for arm, run_dir in run_dirs.items():
-        rec = _nearest(load_run(run_dir).diag, frac)
+        rec = _nearest(load_run_curves(run_dir).diag, frac)
         cells = " | ".join(
             "n/a" if rec.get(key) is None else f"{rec[key]:.4f}" for key, _ in READOUTS
         )

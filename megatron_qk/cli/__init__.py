@@ -27,7 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatron_qk.diagnostics.diagnose_cli",
         "mechanism probes, upper Q/K ablation and locality diagnostic on a checkpoint",
     ),
-    "plot": ("megatron_qk.analysis.plot", "Figure-3-style mechanism panels as PNG"),
+    "plot": ("megatron_qk.cli.plot", "Figure-3-style mechanism panels as PNG"),
     "compare": ("megatron_qk.cli.compare", "paired-seed comparison table of runs"),
     "replay-release": (
         "megatron_qk.cli.replay_release",
@@ -40,7 +40,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "write a checkpoint as a transformers model or a stock Megatron-Core checkpoint",
     ),
     "readout": (
-        "megatron_qk.analysis.readout",
+        "megatron_qk.cli.readout",
         "the paper's @3%%/@20%% readout columns, per-table views and Figure 2 from run directories",
     ),
 }
