@@ -33,10 +33,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatron_qk.cli.replay_release",
         "replay the maturity release rule on a run's logged lower-copy scores",
     ),
-    "theory": ("megatron_qk.analysis.theory_cli", "evaluate the paper's theory quantities"),
-    "eval": ("megatron_qk.evaluation.cli", "downstream task suite with lm-evaluation-harness"),
+    "theory": ("megatron_qk.cli.theory", "evaluate the paper's theory quantities"),
+    "eval": ("megatron_qk.cli.eval", "downstream task suite with lm-evaluation-harness"),
     "export": (
-        "megatron_qk.export.cli",
+        "megatron_qk.cli.export",
         "write a checkpoint as a transformers model or a stock Megatron-Core checkpoint",
     ),
     "readout": (

@@ -1,6 +1,6 @@
 """The downstream suite: task resolution, tokenizer checks, the harness run and its report.
 
-``megatron-qk eval`` (:mod:`megatron_qk.evaluation.cli`) calls :func:`evaluate_checkpoint`, which
+``megatron-qk eval`` (:mod:`megatron_qk.cli.eval`) calls :func:`evaluate_checkpoint`, which
 restores a checkpoint, wraps it in :class:`~megatron_qk.evaluation.adapter.MegatronLM` and runs
 ``lm_eval.simple_evaluate``. The report it returns (and the CLI writes as JSON) is what
 :mod:`megatron_qk.analysis.eval_table` reads.

@@ -17,9 +17,19 @@ import logging
 import sys
 from pathlib import Path
 
-from megatron_qk.evaluation.suite import PAPER_SUITE
+from megatron_qk.config.schema import ConfigError
+from megatron_qk.data.tokenizer import TokenizerError
+from megatron_qk.evaluation.suite import (
+    PAPER_SUITE,
+    EvalError,
+    default_output_path,
+    evaluate_checkpoint,
+    parse_task_list,
+    set_offline_env,
+)
 from megatron_qk.rundir.atomic import write_json_atomic
 from megatron_qk.rundir.cli_args import add_checkpoint_argument
+from megatron_qk.training.safe_load import UnsafeCheckpointError
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -111,18 +121,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation; returns 0 on success, 1 for a bad checkpoint/task, 2 for bad options."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.task_dir and not args.allow_downloads:
-        from megatron_qk.evaluation.suite import set_offline_env
-
-        set_offline_env()  # before datasets / huggingface_hub are imported
-    from megatron_qk.config.schema import ConfigError
-    from megatron_qk.data.tokenizer import TokenizerError
-    from megatron_qk.evaluation.suite import (
-        EvalError,
-        default_output_path,
-        evaluate_checkpoint,
-        parse_task_list,
-    )
-    from megatron_qk.training.safe_load import UnsafeCheckpointError
+        set_offline_env()  # before datasets / huggingface_hub (lm_eval's) are imported
 
     if args.batch_size < 1:
         print("eval: error: --batch-size must be >= 1", file=sys.stderr)
