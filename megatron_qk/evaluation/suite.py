@@ -22,6 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron_qk.config.loader import load_resolved_config
+from megatron_qk.data.data_summary import data_summary_paths
+from megatron_qk.data.tokenizer import load_tokenizer
+from megatron_qk.evaluation.task_trust import UntrustedTaskCodeError, check_task_dirs
 from megatron_qk.rundir.layout import (
     CONFIG_FILE,
     EVAL_FILE,
@@ -98,8 +102,6 @@ def set_offline_env() -> None:
 # ---------------------------------------------------------------------------------- tokenizer
 def _data_summary_paths(cfg: ExperimentConfig) -> list[Path]:
     """``P_summary.json`` files written by ``megatron-qk preprocess`` for the run's data."""
-    from megatron_qk.data.data_summary import data_summary_paths
-
     return data_summary_paths(cfg)
 
 
@@ -172,8 +174,6 @@ def resolve_tasks(
             ``trust_task_code`` is False, or an unknown task name (with suggestions).
     """
     from lm_eval.tasks._index import Kind
-
-    from megatron_qk.evaluation.task_trust import UntrustedTaskCodeError, check_task_dirs
 
     task_dirs = [Path(d) for d in task_dirs or []]
     for d in task_dirs:
@@ -348,8 +348,7 @@ def evaluate_checkpoint(
     import lm_eval
     import torch
 
-    from megatron_qk.config.loader import load_resolved_config
-    from megatron_qk.data.tokenizer import load_tokenizer
+    # Lazy with torch and lm_eval: compare reads this module's report format without torch.
     from megatron_qk.evaluation.adapter import MegatronLM
     from megatron_qk.training.restore import load_checkpoint_for_analysis
 

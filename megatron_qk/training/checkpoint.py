@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from megatron_qk.models.checkpoint_layout import (
@@ -37,11 +34,20 @@ from megatron_qk.rundir.layout import (
     latest_checkpoint,
     rng_file_name,
 )
+from megatron_qk.training.resume_layout import (
+    capture_rng_state,
+    check_padded_vocab,
+    current_layout,
+    load_optimizer_state,
+    prepare_optimizer_for_load,
+    restore_or_reseed_rng,
+)
 from megatron_qk.training.safe_load import (
     check_dist_checkpoint,
     check_extra_states,
     load_state_file,
 )
+from megatron_qk.training.save_errors import CheckpointSaveError, save_failure_message
 
 logger = logging.getLogger(__name__)
 
@@ -53,31 +59,6 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _rng_state() -> dict[str, Any]:
-    from megatron.core import tensor_parallel
-
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 # The distributed optimizer's default format ('fully_sharded_model_space') stores flattened
@@ -161,8 +142,6 @@ def save_checkpoint(
     try:
         _write_checkpoint_files(sharded, tmp, model_chunks, state)
     except (OSError, RuntimeError) as exc:
-        from megatron_qk.training.save_errors import CheckpointSaveError, save_failure_message
-
         message = save_failure_message(tmp, latest_checkpoint(ckpt_root), exc)
         raise CheckpointSaveError(message) from exc
     _barrier()
@@ -179,10 +158,8 @@ def _write_checkpoint_files(sharded: dict, tmp: Path, model_chunks: list, state:
     from megatron.core import dist_checkpointing
 
     dist_checkpointing.save(sharded, str(tmp))
-    torch.save(_rng_state(), tmp / rng_file_name(_rank()))
+    torch.save(capture_rng_state(), tmp / rng_file_name(_rank()))
     if _rank() == 0:
-        from megatron_qk.training.resume_layout import current_layout
-
         torch.save(
             {
                 "step": state.step,
@@ -220,12 +197,6 @@ def load_checkpoint(
 
     if not is_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a megatron-qk checkpoint (no {TRAIN_STATE_FILE})")
-    from megatron_qk.training.resume_layout import (
-        check_padded_vocab,
-        load_optimizer_state,
-        prepare_optimizer_for_load,
-        restore_or_reseed_rng,
-    )
 
     raw = load_state_file(path / TRAIN_STATE_FILE)
     check_padded_vocab(

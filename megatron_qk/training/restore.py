@@ -16,7 +16,10 @@ import torch
 
 from megatron_qk.config.loader import load_resolved_config
 from megatron_qk.config.schema import ExperimentConfig
+from megatron_qk.models.params import annotate_param_roles
 from megatron_qk.rundir.layout import CONFIG_FILE, resolve_checkpoint
+from megatron_qk.training.checkpoint import load_checkpoint
+from megatron_qk.training.distributed import setup_distributed
 
 
 @dataclass
@@ -46,8 +49,6 @@ def single_process_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def ensure_single_process(cfg: ExperimentConfig) -> None:
     """Start a one-process group and Megatron state unless one with TP = PP = 1 is running."""
-    from megatron_qk.training.distributed import setup_distributed
-
     if not torch.distributed.is_initialized():
         for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
             os.environ.pop(key, None)
@@ -56,6 +57,7 @@ def ensure_single_process(cfg: ExperimentConfig) -> None:
 
 def build_initial_model(cfg: ExperimentConfig, device: torch.device) -> torch.nn.Module:
     """The run's model at initialisation (per-layer seeds make it layout-independent)."""
+    # Lazy: the builder imports megatron-core (seconds), which only a model build needs.
     from megatron_qk.models.builder import build_gpt_model, transformer_config_from
 
     config = transformer_config_from(cfg)
@@ -72,9 +74,6 @@ def load_checkpoint_for_analysis(
         path: see :func:`megatron_qk.rundir.layout.resolve_checkpoint`.
         device: where to put the model (default: CUDA when available, else CPU).
     """
-    from megatron_qk.models.params import annotate_param_roles
-    from megatron_qk.training.checkpoint import load_checkpoint
-
     ckpt, run_dir = resolve_checkpoint(path)
     cfg = single_process_config(load_resolved_config(run_dir / CONFIG_FILE))
     ensure_single_process(cfg)
@@ -88,8 +87,6 @@ def load_checkpoint_for_analysis(
 
 def reload_weights(loaded: LoadedCheckpoint, path: Path) -> LoadedCheckpoint:
     """Load another checkpoint of the same run into ``loaded.model`` (no rebuild)."""
-    from megatron_qk.training.checkpoint import load_checkpoint
-
     state = load_checkpoint(path, [loaded.model], optimizer=None, restore_rng=False)
     loaded.model.eval()
     return dataclasses.replace(loaded, step=state.step, checkpoint=path)
