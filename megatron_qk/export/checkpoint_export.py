@@ -21,8 +21,8 @@ from pathlib import Path
 from megatron_qk.config.loader import load_resolved_config
 from megatron_qk.data.tokenizer import load_tokenizer
 from megatron_qk.evaluation.suite import check_tokenizer
+from megatron_qk.export import hf_tokenizer
 from megatron_qk.export.hf import ExportError, hf_architecture, write_hf_model
-from megatron_qk.export.hf_tokenizer import write_hf_tokenizer
 from megatron_qk.export.megatron import write_megatron_checkpoint
 from megatron_qk.rundir.layout import (
     CONFIG_FILE,
@@ -66,7 +66,7 @@ def export_checkpoint(checkpoint: str, out: Path, fmt: str, step=None, tokenizer
         loaded = load_checkpoint_for_analysis(path)
         state = {k: v.cpu() for k, v in loaded.model.state_dict().items() if v is not None}
         files = write_hf_model(work, loaded.cfg, state, tok.vocab_size, tok.eod_id)
-        files += write_hf_tokenizer(work, tok, cfg.model.seq_length)
+        files += hf_tokenizer.write_hf_tokenizer(work, tok, cfg.model.seq_length)
     else:
         loaded = load_checkpoint_for_analysis(path)
         files = write_megatron_checkpoint(work, loaded)
