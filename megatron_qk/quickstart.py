@@ -33,7 +33,7 @@ from megatron_qk.data.pipeline import PreprocessConfig, preprocess
 from megatron_qk.data.python_docs import write_python_docs_corpus
 from megatron_qk.data.readers import HubDataset
 from megatron_qk.quickstart_report import write_report
-from megatron_qk.training.checkpoint import list_checkpoints
+from megatron_qk.rundir.layout import list_checkpoints
 from megatron_qk.training.distributed import teardown_distributed
 
 # The recipe (a preset, megatron_qk/config/presets/) of each arm.

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from megatron_qk.analysis.compare import format_table, load_and_compare
-from megatron_qk.analysis.plot import PANELS, load_run, plot_runs
-from megatron_qk.analysis.replay import replay_run
+from megatron_qk.analysis.compare_format import format_table
+from megatron_qk.analysis.compare_load import load_and_compare
+from megatron_qk.analysis.plot import PANELS, load_run_curves, plot_runs
+from megatron_qk.analysis.replay_log import replay_run
 from megatron_qk.config.loader import load_resolved_config
 from megatron_qk.quickstart_summary import signature_lines
 
@@ -42,7 +43,7 @@ def _readout_table(run_dirs: dict[str, Path], frac: float) -> list[str]:
     header = "| Arm | step (frac) | " + " | ".join(label for _, label in READOUTS) + " |"
     lines = [header, "|---|---:|" + "---:|" * len(READOUTS)]
     for arm, run_dir in run_dirs.items():
-        rec = _nearest(load_run(run_dir).diag, frac)
+        rec = _nearest(load_run_curves(run_dir).diag, frac)
         cells = " | ".join(
             "n/a" if rec.get(key) is None else f"{rec[key]:.4f}" for key, _ in READOUTS
         )

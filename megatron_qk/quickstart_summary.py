@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from megatron_qk.analysis.plot import load_run
+from megatron_qk.analysis.plot import load_run_curves
 
 EARLY_FRAC = 0.10
 
@@ -56,7 +56,10 @@ def signature_lines(run_dirs: dict[str, Path], summaries: dict[str, dict], rule)
         summaries: their ``summary.json`` contents.
         rule: the intervention's :class:`~megatron_qk.config.optim.MultiplierRuleConfig`.
     """
-    control, interv = load_run(run_dirs["control"]), load_run(run_dirs["intervention"])
+    control, interv = (
+        load_run_curves(run_dirs["control"]),
+        load_run_curves(run_dirs["intervention"]),
+    )
     relative = rule.threshold_mode == "over_uniform"
     threshold = rule.threshold_ratio if relative else rule.threshold
     score_name = "lower_copy / lower_copy_uniform" if relative else "lower_copy"

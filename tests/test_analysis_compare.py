@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_qk.analysis import compare
-from megatron_qk.analysis.compare import CompareError, load_and_compare, tokens_to_target
+from megatron_qk.analysis import compare_load
+from megatron_qk.analysis.compare import CompareError, tokens_to_target
+from megatron_qk.analysis.compare_format import format_table
+from megatron_qk.analysis.compare_load import load_and_compare
+from megatron_qk.cli import compare as cli_compare
 from megatron_qk.cli import main
 from megatron_qk.config.loader import dump_config, load_config
 
@@ -164,7 +167,8 @@ def test_interpolation_and_not_reached():
 
 
 def test_paired_table_matches_hand_computation(paired, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(compare, "EVAL_TABLE_MODULE", "megatron_qk_no_such_module")
+    # No downstream view: Table 1 alone (the eval_table import is a plain one now).
+    monkeypatch.setattr(cli_compare, "downstream_table", lambda run_dirs, control_arm: None)
     out_json = tmp_path / "cmp.json"
     assert main(["compare", str(paired), "--json", str(out_json)]) == 0
     result = json.loads(out_json.read_text())
@@ -219,7 +223,7 @@ def test_single_seed_sd_is_na_and_not_reached(tmp_path):
     assert result["arms"]["slow"]["final_val_loss"]["sd"] is None
     assert result["arms"]["slow"]["tokens_to_target"] is None
     assert result["pairs"][0]["tokens_to_target"] is None
-    table = compare.format_table(result)
+    table = format_table(result)
     assert "3.3000 ± n/a" in table and "not reached (1/1 seeds)" in table
     assert "| 7 | slow | 3.0000 | +0.3000 |" in table
 
@@ -277,15 +281,11 @@ def test_missing_control_arm(tmp_path):
 
 
 def test_eval_table_is_appended_when_its_module_exists(paired, tmp_path, monkeypatch, capsys):
-    pkg = tmp_path / "plugin"
-    pkg.mkdir()
-    (pkg / "fake_eval_table.py").write_text(
-        "def eval_table(run_dirs, control_arm):\n"
-        "    assert any(p.endswith('control-s1') for p in run_dirs), run_dirs\n"
-        "    return f'DOWNSTREAM {len(run_dirs)} {control_arm}', {'tasks': 7}\n"
-    )
-    monkeypatch.syspath_prepend(str(pkg))
-    monkeypatch.setattr(compare, "EVAL_TABLE_MODULE", "fake_eval_table")
+    def fake_eval_table(run_dirs, control_arm):
+        assert any(p.endswith("control-s1") for p in run_dirs), run_dirs
+        return f"DOWNSTREAM {len(run_dirs)} {control_arm}", {"tasks": 7}
+
+    monkeypatch.setattr(compare_load, "eval_table", fake_eval_table)
     out_json = tmp_path / "cmp.json"
     # No eval*.json in the runs: the downstream view is not asked for.
     assert main(["compare", str(paired), "--json", str(out_json)]) == 0

@@ -5,12 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_qk.analysis.replay import (
-    ReleaseSettings,
-    ReplayError,
-    replay_release,
-    replay_run,
-)
+from megatron_qk.analysis.replay import ReleaseSettings, ReplayError, replay_release
+from megatron_qk.analysis.replay_log import replay_run
 from megatron_qk.cli import main
 from megatron_qk.config.loader import dump_config, load_config
 

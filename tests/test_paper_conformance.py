@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_qk.analysis.compare import flatten
 from megatron_qk.config.loader import config_to_dict, load_config
+from megatron_qk.rundir.config_hash import flatten_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 
@@ -281,7 +281,7 @@ def test_table_seeds(table):
 def test_recipe_matches_the_paper(table, recipe):
     base, extra, rules = TABLES[table]["recipes"][recipe]
     cfg = load_config(str(CONFIGS / table / recipe))
-    flat = flatten(config_to_dict(cfg))
+    flat = flatten_config(config_to_dict(cfg))
     for key, want in {**base, **extra}.items():
         assert flat[key] == want, f"{table}/{recipe}: {key} = {flat[key]!r}, paper: {want!r}"
     if "training.train_tokens" in base:

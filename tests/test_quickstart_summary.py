@@ -80,9 +80,9 @@ def test_signatures_appear_and_fail_by_the_numbers(tmp_path):
 
 
 def test_plot_draws_the_relative_threshold_on_the_lower_copy_axis(tmp_path):
-    from megatron_qk.analysis.plot import load_run
+    from megatron_qk.analysis.plot import load_run_curves
 
     run_dir = _run(tmp_path, "intervention", [(0, 0.02, 1.0, 0.1)], ablation_qk=0.0)
-    assert load_run(run_dir).maturity_threshold == 1.3 * 0.02  # ratio x the uniform baseline
+    assert load_run_curves(run_dir).maturity_threshold == 1.3 * 0.02  # ratio x the uniform baseline
     control = _run(tmp_path, "control", [(0, 0.02, 1.0, 0.1)], ablation_qk=0.0)
-    assert load_run(control).maturity_threshold is None
+    assert load_run_curves(control).maturity_threshold is None

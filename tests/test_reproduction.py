@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_qk.analysis.compare import CompareError, Run, validate_runs
+from megatron_qk.analysis.compare import CompareError, Run
+from megatron_qk.analysis.compare_load import validate_runs
 from megatron_qk.config.loader import load_config
 from megatron_qk.training import checkpoint_plan
 from megatron_qk.training.entry import train_from_config

@@ -117,7 +117,7 @@ def test_planted_byte_item_in_distcp_is_refused(saved, tmp_path):
 
 
 def test_latest_marker_cannot_point_outside_the_checkpoint_root(saved, tmp_path):
-    from megatron_qk.training.checkpoint import latest_checkpoint
+    from megatron_qk.rundir.layout import latest_checkpoint
 
     _, path = saved
     outside = tmp_path / "elsewhere" / "iter_0000003"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from data_fixtures import pydoc_docs, run_preprocess, text_records, write_jsonl
 
-from megatron_qk.data.workdir import OutputPaths, write_json_atomic
+from megatron_qk.data.workdir import OutputPaths
+from megatron_qk.rundir.atomic import write_json_atomic
 
 OPTIONS = {"shard_size": 5, "chunk_bytes": 2000, "valid_fraction": 0.25}
 

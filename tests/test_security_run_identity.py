@@ -9,12 +9,8 @@ import pytest
 
 from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.loader import load_config
-from megatron_qk.rundir.identity import (
-    IDENTITY_FILE,
-    check_run_identity,
-    recipe_hash,
-    write_identity,
-)
+from megatron_qk.rundir.layout import IDENTITY_FILE
+from megatron_qk.training.run_identity import check_run_identity, recipe_hash, write_identity
 
 
 def _tiny(run_dir, *extra):

@@ -357,7 +357,7 @@ def test_cli_init_std_needs_hidden_size(
 
 
 def test_module_exposes_cli_contract() -> None:
-    from megatron_qk.analysis import theory_cli
+    from megatron_qk.cli import theory as theory_cli
 
     assert cli.SUBCOMMANDS["theory"][0] == theory_cli.__name__
     assert callable(theory_cli.configure_parser) and callable(theory_cli.run)

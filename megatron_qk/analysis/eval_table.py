@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from megatron_qk.evaluation.suite import PAPER_SUITE, REPORT_FORMAT
+from megatron_qk.rundir.layout import EVAL_GLOB, SUMMARY_FILE
 
-EVAL_GLOB = "eval*.json"
 TASK_LABELS = {
     "piqa": "PIQA",
     "hellaswag": "HellaSwag",
@@ -98,7 +98,7 @@ def load_run_eval(run_dir: str | Path) -> RunEval | None:
                     f"and {path}; remove one of them"
                 )
             tasks[name], source[name] = entry, path
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / SUMMARY_FILE
     meta = _read_json(summary_path) if summary_path.exists() else {}
     arm = meta.get("arm", used[0][1].get("arm"))
     seed = meta.get("seed", used[0][1].get("seed"))

@@ -1,4 +1,4 @@
-"""``megatron-qk plot RUN_DIR [...] --out DIR``: Figure-3-style mechanism panels as PNG.
+"""Figure-3-style mechanism panels as PNG (``megatron-qk plot RUN_DIR [...] --out DIR``).
 
 Panels (x axis: fraction of planned training; runs overlaid, colour by arm, line style by seed):
 
@@ -16,10 +16,13 @@ Each panel is written as ``panel_<name>.png`` and all together as ``figure3.png`
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from megatron_qk.config.loader import load_resolved_config
+from megatron_qk.rundir.layout import DIAGNOSE_FILE, METRICS_FILE
+from megatron_qk.rundir.runlog import RunLog
 
 PANELS = {
     "lower_copy": "A. Lower routing maturity (copy score)",
@@ -51,33 +54,25 @@ class RunCurves:
         return f"{self.arm} (seed {self.seed})"
 
 
-def load_run(path: Path) -> RunCurves:
-    """Read a run directory's config, metrics and diagnose results.
+def load_run_curves(path: Path) -> RunCurves:
+    """What the panels need from a run directory: its config, log and diagnose results.
 
     Raises:
         FileNotFoundError: when the directory has no metrics.jsonl.
     """
-    from megatron_qk.config.loader import load_resolved_config
-    from megatron_qk.training.sinks import read_metrics
-
-    metrics = path / "metrics.jsonl"
-    if not metrics.exists():
-        raise FileNotFoundError(f"{path} is not a run directory: {metrics} is missing")
-    cfg = load_resolved_config(path / "config.yaml")
+    log = RunLog(path)
+    if not log.has_metrics():
+        raise FileNotFoundError(f"{path} is not a run directory: {path / METRICS_FILE} is missing")
+    cfg = load_resolved_config(log.config_path)
     run = RunCurves(path, cfg.arm, cfg.training.seed)
     run.sharp_threshold = cfg.diagnostics.sharp_entropy_threshold
     maturity = [r for r in cfg.optim.rules if r.release == "maturity"]
     if maturity:
         run.maturity_threshold = maturity[0].threshold
-    for rec in read_metrics(metrics):
-        kind = rec.get("kind")
-        if kind == "diag":
-            run.diag.append(rec)
-        elif kind == "release":
-            run.releases.append(rec)
-        elif kind == "event" and rec.get("event") == "sharp_entropy_crossing":
-            run.crossing = rec
-    diagnose = path / "diagnose.json"
+    run.diag = log.diags
+    run.releases = log.releases
+    run.crossing = log.event("sharp_entropy_crossing")
+    diagnose = path / DIAGNOSE_FILE
     if diagnose.exists():
         run.ablation = json.loads(diagnose.read_text(encoding="utf-8")).get("results", [])
     if maturity and maturity[0].threshold_mode == "over_uniform":
@@ -152,7 +147,7 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [load_run(Path(p)) for p in run_dirs]
+    runs = [load_run_curves(Path(p)) for p in run_dirs]
     arms = sorted({r.arm for r in runs})
     seeds = sorted({r.seed for r in runs})
     cmap = plt.get_cmap("tab10")
@@ -177,20 +172,3 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> dict[str, Path]:
     plt.close(fig)
     written["figure3"] = path
     return written
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the plot options."""
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
-    parser.add_argument("--out", required=True, help="output directory for the PNG files")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Draw the panels and list the files written."""
-    try:
-        written = plot_runs([Path(p) for p in args.run_dirs], Path(args.out))
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"megatron-qk plot: {exc}") from None
-    for name, path in written.items():
-        print(f"{name}: {path}")
-    return 0

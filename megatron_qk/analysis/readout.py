@@ -1,4 +1,4 @@
-"""``megatron-qk readout``: the paper's early-training readout columns from run directories.
+"""The paper's early-training readout columns from run directories (``megatron-qk readout``).
 
 Tables 3, 4, 6, 9 and 10 have "@3%" columns, Table 5 is read at 3% of runs stopped at 20%,
 Table 7 reads 20%, Appendix C and Section 5.6 quote relative FFN-write reductions and Figure 2
@@ -28,16 +28,14 @@ Views (each printed when the runs hold what it needs):
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import yaml
 
-from megatron_qk.training.sinks import read_metrics
+from megatron_qk.rundir.layout import METRICS_FILE
+from megatron_qk.rundir.runlog import RunLog
 
 # (diag field, column header).
 COLUMNS = (
@@ -62,40 +60,35 @@ def find_runs(paths: list[str]) -> list[Path]:
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if (path / "metrics.jsonl").is_file():
+        if (path / METRICS_FILE).is_file():
             found.append(path)
         elif path.is_dir():
-            below = sorted(p.parent for p in path.rglob("metrics.jsonl"))
+            below = sorted(p.parent for p in path.rglob(METRICS_FILE))
             if not below:
-                raise ReadoutError(f"{path}: no metrics.jsonl in it or below it")
+                raise ReadoutError(f"{path}: no {METRICS_FILE} in it or below it")
             found += below
         else:
             raise ReadoutError(f"{path}: not a directory")
     return sorted(dict.fromkeys(found))
 
 
-def load_run(run_dir: Path) -> dict:
+def load_readout_run(run_dir: Path) -> dict:
     """Config facts, diag lines, releases and the summary of one run directory."""
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
+    log = RunLog(run_dir)
+    if not log.config_path.is_file():
         raise ReadoutError(f"{run_dir}: no config.yaml")
-    cfg = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    cfg = yaml.safe_load(log.config_path.read_text(encoding="utf-8")) or {}
     try:
-        records = read_metrics(run_dir / "metrics.jsonl")
+        diags = log.diags
     except ValueError as exc:
         raise ReadoutError(str(exc)) from None
-    diags = [r for r in records if r.get("kind") == "diag"]
     if not diags:
-        raise ReadoutError(f"{run_dir / 'metrics.jsonl'}: no diag lines (diagnostics disabled?)")
+        raise ReadoutError(f"{log.metrics_path}: no diag lines (diagnostics disabled?)")
     planned = _planned_steps(diags, run_dir)
     releases = {}
-    for r in records:
-        if r.get("kind") == "release":
-            releases.setdefault(r["rule"], {"step": r["step"], "frac": r["frac"]})
-    evals = [r for r in records if r.get("kind") == "eval"]
-    summary = None
-    if (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    for r in log.releases:  # a rule released twice (a replayed log): its first release
+        releases.setdefault(r["rule"], {"step": r["step"], "frac": r["frac"]})
+    evals = log.evals
     return {
         "path": str(run_dir),
         "name": cfg.get("name", run_dir.name),
@@ -104,7 +97,7 @@ def load_run(run_dir: Path) -> dict:
         "planned_steps": planned,
         "diags": diags,
         "releases": releases,
-        "summary": summary,
+        "summary": log.summary(),
         "last_eval": evals[-1] if evals else None,
     }
 
@@ -240,7 +233,7 @@ def relative_rows(rows: list[dict], at: float) -> list[dict]:
 
 def readout(paths: list[str], fracs: list[float]) -> dict:
     """The whole command as data (see the module docstring)."""
-    runs = [load_run(p) for p in find_runs(paths)]
+    runs = [load_readout_run(p) for p in find_runs(paths)]
     rows = run_rows(runs, fracs)
     return {
         "at": fracs,
@@ -348,36 +341,3 @@ def figure2(result: dict, out: Path) -> int:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return len(points)
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the readout options."""
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories or parents")
-    parser.add_argument(
-        "--at",
-        type=float,
-        action="append",
-        metavar="FRAC",
-        help="training fraction to read (repeatable; default 0.03)",
-    )
-    parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
-    parser.add_argument("--figure2", metavar="PNG", help="plot Figure 2 over the name groups")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Print the readout tables; exit 2 on unreadable input."""
-    fracs = args.at or [0.03]
-    if any(not 0.0 <= f <= 1.0 for f in fracs):
-        print("megatron-qk readout: error: --at must be in [0, 1]", file=sys.stderr)
-        return 2
-    try:
-        result = readout(args.run_dirs, fracs)
-        if args.figure2:
-            figure2(result, Path(args.figure2))
-    except ReadoutError as exc:
-        print(f"megatron-qk readout: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return 0

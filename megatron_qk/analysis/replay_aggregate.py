@@ -16,7 +16,7 @@ def aggregate_variants(results: list[dict]) -> list[dict]:
     """One row per variant label: settings, per-run releases, mean and sample sd of the fraction.
 
     Args:
-        results: :func:`megatron_qk.analysis.replay.replay_run` results with ``variants``.
+        results: :func:`megatron_qk.analysis.replay_log.replay_run` results with ``variants``.
     """
     rows: dict[str, dict] = {}
     for result in results:

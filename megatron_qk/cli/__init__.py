@@ -27,20 +27,20 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatron_qk.cli.diagnose",
         "mechanism probes, upper Q/K ablation and locality diagnostic on a checkpoint",
     ),
-    "plot": ("megatron_qk.analysis.plot", "Figure-3-style mechanism panels as PNG"),
-    "compare": ("megatron_qk.analysis.compare", "paired-seed comparison table of runs"),
+    "plot": ("megatron_qk.cli.plot", "Figure-3-style mechanism panels as PNG"),
+    "compare": ("megatron_qk.cli.compare", "paired-seed comparison table of runs"),
     "replay-release": (
-        "megatron_qk.analysis.replay",
+        "megatron_qk.cli.replay_release",
         "replay the maturity release rule on a run's logged lower-copy scores",
     ),
-    "theory": ("megatron_qk.analysis.theory_cli", "evaluate the paper's theory quantities"),
-    "eval": ("megatron_qk.evaluation.cli", "downstream task suite with lm-evaluation-harness"),
+    "theory": ("megatron_qk.cli.theory", "evaluate the paper's theory quantities"),
+    "eval": ("megatron_qk.cli.eval", "downstream task suite with lm-evaluation-harness"),
     "export": (
-        "megatron_qk.export.cli",
+        "megatron_qk.cli.export",
         "write a checkpoint as a transformers model or a stock Megatron-Core checkpoint",
     ),
     "readout": (
-        "megatron_qk.analysis.readout",
+        "megatron_qk.cli.readout",
         "the paper's @3%%/@20%% readout columns, per-table views and Figure 2 from run directories",
     ),
 }

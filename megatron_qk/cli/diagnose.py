@@ -17,9 +17,8 @@ from megatron_qk.analysis.diagnose import (
 )
 from megatron_qk.diagnostics.ablation import TARGET_SE
 from megatron_qk.rundir.cli_args import add_checkpoint_argument
-from megatron_qk.training.checkpoint import list_checkpoints
+from megatron_qk.rundir.layout import list_checkpoints, resolve_checkpoint
 from megatron_qk.training.distributed import teardown_distributed
-from megatron_qk.training.restore import resolve_checkpoint
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

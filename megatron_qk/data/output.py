@@ -26,13 +26,8 @@ from megatron_qk.data.options import PreprocessConfig
 from megatron_qk.data.readers import PreprocessError, RawBatch, Source
 from megatron_qk.data.records import BLANK_LINE, SKIP_REASONS, SkipEvent
 from megatron_qk.data.tokenizer import TokenizerInfo
-from megatron_qk.data.workdir import (
-    OutputPaths,
-    WorkDir,
-    final_moves,
-    publish,
-    write_json_atomic,
-)
+from megatron_qk.data.workdir import OutputPaths, WorkDir, final_moves, publish
+from megatron_qk.rundir.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +278,7 @@ class OutputRun:
             elif writer is not None:
                 writer.close()
         summary = self.summary(resumed_from)
-        write_json_atomic(self.work.file("summary.json"), summary)
+        write_json_atomic(self.work.file("summary.json"), summary, mode=0o600)
         renames, removals = final_moves(self.paths, self.work, self.state.documents)
         self.commit("finalizing", {"renames": renames, "removals": removals})
         publish(renames, removals)

@@ -19,6 +19,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from megatron_qk.rundir.atomic import atomic_open
+
 # Packages that are tests, demos or vendored code rather than library documentation.
 _SKIP_DIRS = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "ensurepip", "site-packages",
               "dist-packages", "__pycache__", "pydoc_data", "tkinter", "venv"}  # fmt: skip
@@ -64,12 +66,10 @@ def python_doc_records(stdlib_dir: str | None = None) -> Iterator[dict]:
 def write_python_docs_corpus(path: Path) -> dict:
     """Write the corpus as JSON lines (atomically) and return ``{documents, characters}``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     documents = characters = 0
-    with open(tmp, "w", encoding="utf-8") as out:
+    with atomic_open(path) as out:
         for record in python_doc_records():
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             documents += 1
             characters += len(record["text"])
-    os.replace(tmp, path)
     return {"documents": documents, "characters": characters}

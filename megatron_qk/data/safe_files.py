@@ -3,16 +3,15 @@
 A work directory or output directory can hold a symlink someone planted (``train.bin ->
 ~/.bashrc``); a plain ``open(path, "wb")`` or ``"r+b"`` followed by ``truncate`` would then
 destroy the link's target. :func:`open_nofollow` refuses a final-component link (``O_NOFOLLOW``)
-and creates new files ``0600``; :func:`private_temp` gives a fresh ``mkstemp`` name, so a
-temporary file is never opened through a link planted at a predictable name.
+and creates new files ``0600``. Temporary files of atomic writes come from
+:mod:`megatron_qk.rundir.atomic`, which never opens one through a link planted at a predictable
+name.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import tempfile
-from pathlib import Path
 from typing import IO, Any
 
 _FLAGS = {
@@ -43,9 +42,3 @@ def open_nofollow(path: str | os.PathLike[str], mode: str, **kwargs: Any) -> IO:
     except BaseException:
         os.close(fd)
         raise
-
-
-def private_temp(target: Path) -> tuple[int, Path]:
-    """A new, uniquely named ``0600`` file next to ``target``: ``(fd, path)``."""
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    return fd, Path(name)

@@ -33,6 +33,7 @@ from megatron_qk.data.tokenizer import (
     sha256_hex,
     verify_gpt2_ranks,
 )
+from megatron_qk.rundir.atomic import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -132,14 +133,7 @@ def verified_data_gym_files(rank_bytes: bytes) -> tuple[bytes, bytes]:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data, mode=0o600)  # 0600 like the mkstemp files it replaces
 
 
 def tiktoken_cache_key(url: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_qk.data.indexed import DTYPE_CODES, INDEX_MAGIC
+from megatron_qk.data.indexed import DTYPE_CODES, INDEX_MAGIC, INDEX_VERSION
 
 _HEADER = len(INDEX_MAGIC) + 8 + 1 + 8 + 8  # magic, version, dtype code, S, D + 1
 _SCAN_BLOCK = 1 << 25  # tokens per block of the id scan (64-256 MB depending on dtype)
@@ -42,7 +42,7 @@ def read_index_extent(idx_path: str | os.PathLike[str]) -> IndexExtent:
     """Parse an ``.idx`` header and its last pointer to get the ``.bin`` size it describes.
 
     Raises:
-        DataFileError: naming ``idx_path`` when it is not a version-1 index or is truncated.
+        DataFileError: naming ``idx_path``: not an ``INDEX_VERSION`` index, or truncated.
     """
     idx_path = Path(idx_path)
     size = idx_path.stat().st_size
@@ -51,7 +51,7 @@ def read_index_extent(idx_path: str | os.PathLike[str]) -> IndexExtent:
         if len(head) < _HEADER or not head.startswith(INDEX_MAGIC):
             raise DataFileError(f"{idx_path} is not a Megatron indexed-dataset index (bad header)")
         version, code, num_seq, num_docs1 = struct.unpack("<QBQQ", head[len(INDEX_MAGIC) :])
-        if version != 1 or code not in _CODE_TO_DTYPE:
+        if version != INDEX_VERSION or code not in _CODE_TO_DTYPE:
             raise DataFileError(f"{idx_path}: unsupported version {version} or dtype code {code}")
         need = _HEADER + 4 * num_seq + 8 * num_seq + 8 * num_docs1
         if size < need:

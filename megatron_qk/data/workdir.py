@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from megatron_qk.data.readers import PreprocessError
-from megatron_qk.data.safe_files import open_nofollow, private_temp
+from megatron_qk.data.safe_files import open_nofollow
+from megatron_qk.rundir.atomic import fsync_dir, write_json_atomic
 
 MANIFEST_VERSION = 1
 
@@ -56,30 +57,6 @@ class OutputPaths:
     def split_prefix(self, split: str) -> str:
         """Data prefix for ``"train"`` or ``"valid"``."""
         return self.train_prefix if split == "train" else self.valid_prefix
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to ``path`` via a fsynced, uniquely named temporary file and ``os.replace``."""
-    fd, tmp = private_temp(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class WorkDir:
@@ -156,7 +133,7 @@ class WorkDir:
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         """Atomically replace the manifest (the commit point)."""
-        write_json_atomic(self.manifest_path, {"version": MANIFEST_VERSION, **manifest})
+        write_json_atomic(self.manifest_path, {"version": MANIFEST_VERSION, **manifest}, mode=0o600)
 
     def clear(self) -> None:
         """Delete everything in the directory except the lock."""
@@ -214,4 +191,4 @@ def publish(renames: list[tuple[str, str]], removals: list[str]) -> None:
     for path in removals:
         Path(path).unlink(missing_ok=True)
     for parent in {Path(dst).resolve().parent for _, dst in renames}:
-        _fsync_dir(parent)
+        fsync_dir(parent)

@@ -1,6 +1,6 @@
 """The downstream suite: task resolution, tokenizer checks, the harness run and its report.
 
-``megatron-qk eval`` (:mod:`megatron_qk.evaluation.cli`) calls :func:`evaluate_checkpoint`, which
+``megatron-qk eval`` (:mod:`megatron_qk.cli.eval`) calls :func:`evaluate_checkpoint`, which
 restores a checkpoint, wraps it in :class:`~megatron_qk.evaluation.adapter.MegatronLM` and runs
 ``lm_eval.simple_evaluate``. The report it returns (and the CLI writes as JSON) is what
 :mod:`megatron_qk.analysis.eval_table` reads.
@@ -21,6 +21,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from megatron_qk.config.loader import load_resolved_config
+from megatron_qk.data.data_summary import data_summary_paths
+from megatron_qk.data.tokenizer import load_tokenizer
+from megatron_qk.evaluation.task_trust import UntrustedTaskCodeError, check_task_dirs
+from megatron_qk.rundir.layout import (
+    CONFIG_FILE,
+    EVAL_FILE,
+    eval_file_name,
+    is_checkpoint,
+    resolve_checkpoint,
+)
 
 if TYPE_CHECKING:
     from megatron_qk.config.schema import ExperimentConfig
@@ -90,8 +102,6 @@ def set_offline_env() -> None:
 # ---------------------------------------------------------------------------------- tokenizer
 def _data_summary_paths(cfg: ExperimentConfig) -> list[Path]:
     """``P_summary.json`` files written by ``megatron-qk preprocess`` for the run's data."""
-    from megatron_qk.data.data_summary import data_summary_paths
-
     return data_summary_paths(cfg)
 
 
@@ -164,8 +174,6 @@ def resolve_tasks(
             ``trust_task_code`` is False, or an unknown task name (with suggestions).
     """
     from lm_eval.tasks._index import Kind
-
-    from megatron_qk.evaluation.task_trust import UntrustedTaskCodeError, check_task_dirs
 
     task_dirs = [Path(d) for d in task_dirs or []]
     for d in task_dirs:
@@ -295,9 +303,9 @@ def default_output_path(checkpoint_arg: str | Path, checkpoint_dir: Path, run_di
     ``RUN_DIR/eval.json`` when ``--checkpoint`` names the run (or its ``checkpoints/``), i.e. the
     newest checkpoint; ``RUN_DIR/eval_iter_XXXXXXX.json`` when it names one checkpoint.
     """
-    if (Path(checkpoint_arg) / "train_state.pt").exists():
-        return run_dir / f"eval_{checkpoint_dir.name}.json"
-    return run_dir / "eval.json"
+    if is_checkpoint(Path(checkpoint_arg)):
+        return run_dir / eval_file_name(checkpoint_dir)
+    return run_dir / EVAL_FILE
 
 
 def evaluate_checkpoint(
@@ -340,18 +348,17 @@ def evaluate_checkpoint(
     import lm_eval
     import torch
 
-    from megatron_qk.config.loader import load_resolved_config
-    from megatron_qk.data.tokenizer import load_tokenizer
+    # Lazy with torch and lm_eval: compare reads this module's report format without torch.
     from megatron_qk.evaluation.adapter import MegatronLM
-    from megatron_qk.training.restore import load_checkpoint_for_analysis, resolve_checkpoint
+    from megatron_qk.training.restore import load_checkpoint_for_analysis
 
     start = time.time()
     if dtype not in ("auto", "fp32", "bf16"):
         raise EvalError(f"dtype must be auto, fp32 or bf16, got {dtype!r}")
     ckpt, run_dir = resolve_checkpoint(checkpoint)
-    cfg = load_resolved_config(run_dir / "config.yaml")
+    cfg = load_resolved_config(run_dir / CONFIG_FILE)
     tok = load_tokenizer(tokenizer)
-    check_tokenizer(cfg, tok, run_dir / "config.yaml")
+    check_tokenizer(cfg, tok, run_dir / CONFIG_FILE)
     manager, resolved = resolve_tasks(tasks, task_dirs, trust_task_code)
     task_objects = load_tasks(manager, resolved)
 

@@ -1,1 +1,2 @@
-"""Torch-free run-directory helpers: identity, lock, moving an old run aside, config hashes."""
+"""Torch-free run-directory helpers: file layout, atomic writes, the RunLog reader, the lock,
+moving an old run aside and config hashes (stdlib only)."""

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint``: the forms ``training.restore.resolve_checkpoint`` accepts."""
+    """``--checkpoint``: the forms ``rundir.layout.resolve_checkpoint`` accepts."""
     parser.add_argument(
         "--checkpoint",
         required=True,

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_qk.rundir.layout import METRICS_FILE, SUMMARY_FILE
+
 
 def flatten_config(data: dict, prefix: str = "") -> dict:
     """A nested config dict as ``{"section.key": value}`` (the spelling of ``--set`` keys)."""
@@ -51,14 +53,14 @@ def hash_config(
 def run_state(run_dir: Path) -> str:
     """``finished``, ``stopped`` (on purpose, by ``training.stop_at_frac``), ``partial`` or
     ``absent``, from the run directory's summary.json and metrics.jsonl."""
-    summary = run_dir / "summary.json"
+    summary = run_dir / SUMMARY_FILE
     if summary.is_file():
         data = json.loads(summary.read_text(encoding="utf-8"))
         if data.get("finished"):
             return "finished"
         if data.get("stopped"):
             return "stopped"
-    return "partial" if (run_dir / "metrics.jsonl").exists() else "absent"
+    return "partial" if (run_dir / METRICS_FILE).exists() else "absent"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from typing import IO
 
-LOCK_FILE = "run.lock"
+from megatron_qk.rundir.layout import LOCK_FILE
 
 
 class RunDirBusyError(RuntimeError):

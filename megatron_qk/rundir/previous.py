@@ -10,10 +10,16 @@ import datetime
 import os
 from pathlib import Path
 
-from megatron_qk.rundir.lock import LOCK_FILE
+from megatron_qk.rundir.layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LOCK_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+)
 
 # Entries that mean "a run happened here" (a bare lock file or an empty directory do not).
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
+RUN_MARKERS = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINTS_DIR)
 
 
 class ExistingRunError(RuntimeError):

@@ -1,6 +1,6 @@
 """Checkpoint save/load with Megatron distributed checkpointing.
 
-Layout under ``<output_dir>/checkpoints``::
+Layout under ``<output_dir>/checkpoints`` (names in :mod:`megatron_qk.rundir.layout`)::
 
     iter_0000100/            dist_checkpointing dir: model + optimizer (sharded, any TP/PP/DP)
     iter_0000100/train_state.pt   step, consumed samples, scheduler + release-controller state
@@ -15,29 +15,41 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from megatron_qk.models.checkpoint_layout import (
     canonical_sharded_state_dict,
     load_canonical_state_dict,
 )
+from megatron_qk.rundir.atomic import write_text_atomic
+from megatron_qk.rundir.layout import (
+    LATEST_FILE,
+    TRAIN_STATE_FILE,
+    checkpoint_name,
+    is_checkpoint,
+    latest_checkpoint,
+    rng_file_name,
+)
+from megatron_qk.training.resume_layout import (
+    capture_rng_state,
+    check_padded_vocab,
+    current_layout,
+    load_optimizer_state,
+    prepare_optimizer_for_load,
+    restore_or_reseed_rng,
+)
 from megatron_qk.training.safe_load import (
     check_dist_checkpoint,
     check_extra_states,
     load_state_file,
 )
+from megatron_qk.training.save_errors import CheckpointSaveError, save_failure_message
 
 logger = logging.getLogger(__name__)
-
-LATEST_FILE = "latest"
 
 
 def _barrier() -> None:
@@ -47,60 +59,6 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def checkpoint_name(step: int) -> str:
-    """Directory name of the checkpoint taken after ``step`` optimizer steps."""
-    return f"iter_{step:07d}"
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint under ``ckpt_root`` (None when there is none)."""
-    marker = ckpt_root / LATEST_FILE
-    if not marker.exists():
-        return None
-    name = marker.read_text(encoding="utf-8").strip()
-    if not re.fullmatch(r"iter_\d{7,}", name):
-        # The marker is data from a possibly shared run directory: never a path to follow.
-        raise RuntimeError(f"{marker} names {name!r}, which is not a checkpoint (iter_XXXXXXX)")
-    path = ckpt_root / name
-    if not (path / "train_state.pt").exists():
-        raise RuntimeError(f"{marker} names {name}, but {path}/train_state.pt is missing")
-    return path
-
-
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Every complete checkpoint under ``ckpt_root``, oldest first (``.tmp`` debris skipped)."""
-    return sorted(
-        p
-        for p in ckpt_root.glob("iter_*")
-        if p.is_dir() and not p.name.endswith(".tmp") and (p / "train_state.pt").exists()
-    )
-
-
-def _rng_state() -> dict[str, Any]:
-    from megatron.core import tensor_parallel
-
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 # The distributed optimizer's default format ('fully_sharded_model_space') stores flattened
@@ -184,8 +142,6 @@ def save_checkpoint(
     try:
         _write_checkpoint_files(sharded, tmp, model_chunks, state)
     except (OSError, RuntimeError) as exc:
-        from megatron_qk.training.save_errors import CheckpointSaveError, save_failure_message
-
         message = save_failure_message(tmp, latest_checkpoint(ckpt_root), exc)
         raise CheckpointSaveError(message) from exc
     _barrier()
@@ -193,9 +149,7 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        marker_tmp = ckpt_root / f"{LATEST_FILE}.tmp"
-        marker_tmp.write_text(name + "\n", encoding="utf-8")
-        os.replace(marker_tmp, ckpt_root / LATEST_FILE)
+        write_text_atomic(ckpt_root / LATEST_FILE, name + "\n")
     _barrier()
     return final
 
@@ -204,10 +158,8 @@ def _write_checkpoint_files(sharded: dict, tmp: Path, model_chunks: list, state:
     from megatron.core import dist_checkpointing
 
     dist_checkpointing.save(sharded, str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    torch.save(capture_rng_state(), tmp / rng_file_name(_rank()))
     if _rank() == 0:
-        from megatron_qk.training.resume_layout import current_layout
-
         torch.save(
             {
                 "step": state.step,
@@ -217,7 +169,7 @@ def _write_checkpoint_files(sharded: dict, tmp: Path, model_chunks: list, state:
                 "layout": current_layout(),
                 "padded_vocab": getattr(unwrap_model(model_chunks[0]), "vocab_size", None),
             },
-            tmp / "train_state.pt",
+            tmp / TRAIN_STATE_FILE,
         )
 
 
@@ -243,16 +195,10 @@ def load_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    if not (path / "train_state.pt").exists():
-        raise FileNotFoundError(f"{path} is not a megatron-qk checkpoint (no train_state.pt)")
-    from megatron_qk.training.resume_layout import (
-        check_padded_vocab,
-        load_optimizer_state,
-        prepare_optimizer_for_load,
-        restore_or_reseed_rng,
-    )
+    if not is_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a megatron-qk checkpoint (no {TRAIN_STATE_FILE})")
 
-    raw = load_state_file(path / "train_state.pt")
+    raw = load_state_file(path / TRAIN_STATE_FILE)
     check_padded_vocab(
         path, raw.get("padded_vocab"), getattr(unwrap_model(model_chunks[0]), "vocab_size", None)
     )

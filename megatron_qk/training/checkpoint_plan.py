@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from megatron_qk.config.schema import ExperimentConfig
+from megatron_qk.rundir.layout import checkpoint_step, list_checkpoints
 
 
 def step_at_frac(frac: float, planned_steps: int) -> int:
@@ -76,10 +77,7 @@ def rotate_checkpoints(cfg: ExperimentConfig, ckpt_root: Path) -> list[Path]:
     Returns:
         The removed directories.
     """
-    saved = {}
-    for path in ckpt_root.glob("iter_*"):
-        if path.is_dir() and not path.name.endswith(".tmp") and (path / "train_state.pt").exists():
-            saved[int(path.name.split("_")[1])] = path
+    saved = {checkpoint_step(path.name): path for path in list_checkpoints(ckpt_root)}
     removed = []
     for step in removable_checkpoints(cfg, sorted(saved)):
         shutil.rmtree(saved[step])

@@ -28,6 +28,7 @@ from megatron_qk.models.params import annotate_param_roles
 from megatron_qk.models.speed import training_speed_flags
 from megatron_qk.optim.param_groups import build_optimizer
 from megatron_qk.rundir import records
+from megatron_qk.rundir.layout import latest_checkpoint
 from megatron_qk.training import checkpoint as ckpt
 from megatron_qk.training import checkpoint_plan, losses, run_files
 from megatron_qk.training.callbacks.base import Callback
@@ -285,7 +286,7 @@ class Trainer:
         """
         if not self.cfg.training.resume:
             return False
-        path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        path = latest_checkpoint(self.run_dir / "checkpoints")
         if path is None:
             return False
         state = ckpt.load_checkpoint(

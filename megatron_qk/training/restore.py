@@ -16,6 +16,10 @@ import torch
 
 from megatron_qk.config.loader import load_resolved_config
 from megatron_qk.config.schema import ExperimentConfig
+from megatron_qk.models.params import annotate_param_roles
+from megatron_qk.rundir.layout import CONFIG_FILE, resolve_checkpoint
+from megatron_qk.training.checkpoint import load_checkpoint
+from megatron_qk.training.distributed import setup_distributed
 
 
 @dataclass
@@ -28,43 +32,6 @@ class LoadedCheckpoint:
     checkpoint: Path
     run_dir: Path
     device: torch.device
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """Find the checkpoint directory and its run directory.
-
-    Args:
-        path: a run directory (its newest checkpoint is used), its ``checkpoints/`` directory,
-            or one ``iter_XXXXXXX`` checkpoint directory.
-
-    Returns:
-        ``(checkpoint_dir, run_dir)``.
-
-    Raises:
-        FileNotFoundError: naming what is missing.
-    """
-    from megatron_qk.training.checkpoint import latest_checkpoint
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if (path / "train_state.pt").exists():
-        ckpt = path
-    else:
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        ckpt = latest_checkpoint(root)
-        if ckpt is None:
-            raise FileNotFoundError(
-                f"{path} is neither a checkpoint (no train_state.pt) nor a run directory with "
-                f"a complete checkpoint ({root}/latest is missing)"
-            )
-    run_dir = ckpt.parent.parent
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(
-            f"{run_dir / 'config.yaml'} is missing: a checkpoint is read with the recipe of its "
-            "run directory (<run>/checkpoints/iter_XXXXXXX)"
-        )
-    return ckpt, run_dir
 
 
 def single_process_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -82,8 +49,6 @@ def single_process_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def ensure_single_process(cfg: ExperimentConfig) -> None:
     """Start a one-process group and Megatron state unless one with TP = PP = 1 is running."""
-    from megatron_qk.training.distributed import setup_distributed
-
     if not torch.distributed.is_initialized():
         for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
             os.environ.pop(key, None)
@@ -92,6 +57,7 @@ def ensure_single_process(cfg: ExperimentConfig) -> None:
 
 def build_initial_model(cfg: ExperimentConfig, device: torch.device) -> torch.nn.Module:
     """The run's model at initialisation (per-layer seeds make it layout-independent)."""
+    # Lazy: the builder imports megatron-core (seconds), which only a model build needs.
     from megatron_qk.models.builder import build_gpt_model, transformer_config_from
 
     config = transformer_config_from(cfg)
@@ -105,14 +71,11 @@ def load_checkpoint_for_analysis(
     """Restore a checkpoint's weights into a one-process fp32 model.
 
     Args:
-        path: see :func:`resolve_checkpoint`.
+        path: see :func:`megatron_qk.rundir.layout.resolve_checkpoint`.
         device: where to put the model (default: CUDA when available, else CPU).
     """
-    from megatron_qk.models.params import annotate_param_roles
-    from megatron_qk.training.checkpoint import load_checkpoint
-
     ckpt, run_dir = resolve_checkpoint(path)
-    cfg = single_process_config(load_resolved_config(run_dir / "config.yaml"))
+    cfg = single_process_config(load_resolved_config(run_dir / CONFIG_FILE))
     ensure_single_process(cfg)
     # After the process group (setup_distributed selects LOCAL_RANK's GPU), before the build.
     device = select_device(device)
@@ -124,8 +87,6 @@ def load_checkpoint_for_analysis(
 
 def reload_weights(loaded: LoadedCheckpoint, path: Path) -> LoadedCheckpoint:
     """Load another checkpoint of the same run into ``loaded.model`` (no rebuild)."""
-    from megatron_qk.training.checkpoint import load_checkpoint
-
     state = load_checkpoint(path, [loaded.model], optimizer=None, restore_rng=False)
     loaded.model.eval()
     return dataclasses.replace(loaded, step=state.step, checkpoint=path)

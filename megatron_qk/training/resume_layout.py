@@ -13,9 +13,16 @@ dropout draws from these generators (data order and initialisation have their ow
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+
+from megatron_qk.rundir.layout import RNG_FILE_GLOB, rng_file_name
+from megatron_qk.training.distributed import seed_everything
+from megatron_qk.training.safe_load import load_state_file
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +47,33 @@ def reseed_value(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**31 - 1)
 
 
+def capture_rng_state() -> dict[str, Any]:
+    """This rank's RNG states: python, numpy, torch (and CUDA) and Megatron's tracker."""
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states :func:`capture_rng_state` returned."""
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
 def restore_or_reseed_rng(
     path: Path, saved_layout: dict | None, seed: int, step: int, rank: int
 ) -> bool:
@@ -56,17 +90,13 @@ def restore_or_reseed_rng(
     Returns:
         True when the saved states were restored, False when re-seeded.
     """
-    from megatron_qk.training.checkpoint import _set_rng_state
-    from megatron_qk.training.distributed import seed_everything
-    from megatron_qk.training.safe_load import load_state_file
-
     now = current_layout()
     if saved_layout is None:
-        saved_layout = {"world_size": len(list(path.glob("rng_rank*.pt")))}
+        saved_layout = {"world_size": len(list(path.glob(RNG_FILE_GLOB)))}
     same = all(saved_layout.get(k) == v for k, v in now.items() if k in saved_layout)
-    rng_file = path / f"rng_rank{rank}.pt"
+    rng_file = path / rng_file_name(rank)
     if same and rng_file.exists():
-        _set_rng_state(load_state_file(rng_file))
+        restore_rng_state(load_state_file(rng_file))
         return True
     if rank == 0:
         logger.warning(

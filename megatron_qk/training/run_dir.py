@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import subprocess
 import sys
@@ -14,7 +12,9 @@ import yaml
 from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.loader import config_to_dict, dump_config
 from megatron_qk.config.schema import ExperimentConfig
+from megatron_qk.rundir.atomic import write_json_atomic, write_text_atomic
 from megatron_qk.rundir.config_hash import flatten_config
+from megatron_qk.rundir.layout import CONFIG_FILE, SUMMARY_FILE
 
 # Keys that may differ between the first launch of a run and a resume.
 RESUME_FREE_KEYS = {
@@ -98,7 +98,7 @@ def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
     Raises:
         ConfigError: listing the differing keys.
     """
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG_FILE
     if not path.exists():
         return
     saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -119,13 +119,9 @@ def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
 def write_config(run_dir: Path, cfg: ExperimentConfig, world_size: int) -> None:
     """Write ``config.yaml`` atomically."""
     text = dump_config(cfg, extra=run_metadata(world_size))
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, run_dir / "config.yaml")
+    write_text_atomic(run_dir / CONFIG_FILE, text)
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
     """Write ``summary.json`` atomically."""
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / "summary.json")
+    write_json_atomic(run_dir / SUMMARY_FILE, summary, sort_keys=True)

@@ -35,23 +35,6 @@ def _finite_or_null(value: Any) -> Any:
     return value
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl, in file order (blank lines skipped).
-
-    Raises:
-        ValueError: naming ``path:line`` of a line that is not JSON.
-    """
-    records = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{lineno}: invalid JSON line") from None
-    return records
-
-
 def truncate_metrics(path: Path, keep_through_step: int) -> int:
     """Drop lines with ``step > keep_through_step`` (those come after the resumed checkpoint).
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from megatron_qk.rundir.layout import latest_checkpoint
 from megatron_qk.rundir.records import event_record
-from megatron_qk.training import checkpoint as ckpt
 from megatron_qk.training.callbacks.base import Callback
 from megatron_qk.training.preemption import PreemptedError, PreemptionWatch
 
@@ -34,7 +34,7 @@ class StopOnPreemption(Callback):
         if trainer.saved_step != trainer.step:
             path = trainer.save()
         else:
-            path = ckpt.latest_checkpoint(trainer.run_dir / "checkpoints")
+            path = latest_checkpoint(trainer.run_dir / "checkpoints")
         trainer.log(
             event_record("preempted", trainer.position(), signal=signal_name, checkpoint=str(path))
         )

@@ -13,14 +13,23 @@ for one checkpoint), where ``megatron-qk compare`` finds it.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-from megatron_qk.evaluation.suite import PAPER_SUITE
+from megatron_qk.config.errors import ConfigError
+from megatron_qk.data.tokenizer import TokenizerError
+from megatron_qk.evaluation.suite import (
+    PAPER_SUITE,
+    EvalError,
+    default_output_path,
+    evaluate_checkpoint,
+    parse_task_list,
+    set_offline_env,
+)
+from megatron_qk.rundir.atomic import write_json_atomic
 from megatron_qk.rundir.cli_args import add_checkpoint_argument
+from megatron_qk.training.safe_load import UnsafeCheckpointError
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -112,18 +121,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation; returns 0 on success, 1 for a bad checkpoint/task, 2 for bad options."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.task_dir and not args.allow_downloads:
-        from megatron_qk.evaluation.suite import set_offline_env
-
-        set_offline_env()  # before datasets / huggingface_hub are imported
-    from megatron_qk.config.errors import ConfigError
-    from megatron_qk.data.tokenizer import TokenizerError
-    from megatron_qk.evaluation.suite import (
-        EvalError,
-        default_output_path,
-        evaluate_checkpoint,
-        parse_task_list,
-    )
-    from megatron_qk.training.safe_load import UnsafeCheckpointError
+        set_offline_env()  # before datasets / huggingface_hub (lm_eval's) are imported
 
     if args.batch_size < 1:
         print("eval: error: --batch-size must be >= 1", file=sys.stderr)
@@ -157,9 +155,7 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    write_json_atomic(out, report)
     _print_table(report)
     print(f"eval: step {report['step']} of {report['run_dir']}; report written to {out}")
     return 0
