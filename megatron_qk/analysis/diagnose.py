@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from megatron_qk.diagnostics.ablation import upper_qk_ablation
 from megatron_qk.diagnostics.locality import locality_diagnostic
 from megatron_qk.diagnostics.recorder import AttentionRecorder
+from megatron_qk.rundir.atomic import write_text_atomic
 from megatron_qk.training.data import build_datasets, collate_samples
 from megatron_qk.training.restore import (
     build_initial_model,
@@ -237,7 +237,5 @@ def merge_results(out: Path, run_dir: Path, results: list[dict]) -> dict:
     data["run_dir"] = str(run_dir)
     data["results"] = [by_step[s] for s in sorted(by_step)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(data, indent=1) + "\n")
     return data

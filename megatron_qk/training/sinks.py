@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from megatron_qk.rundir.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,7 @@ def truncate_metrics(path: Path, keep_through_step: int) -> int:
             removed += 1
         else:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(x + "\n" for x in kept))
     return removed
 
 
