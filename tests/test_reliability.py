@@ -434,7 +434,8 @@ def test_slurm_script_requests_the_signal_and_requeues_a_preempted_run(tmp_path)
 def test_replay_of_a_log_cut_before_its_release_line_does_not_claim_disagreement(tmp_path):
     from test_analysis_replay import RULE, scores, write_run
 
-    from megatron_qk.analysis.replay import format_report, replay_run
+    from megatron_qk.analysis.replay_format import format_report
+    from megatron_qk.analysis.replay_log import replay_run
 
     path = write_run(tmp_path / "run", scores(40, 2, high_from=8), 40, None, RULE)
     # Cut the log right after the diag line of step 10, where the rule releases.

@@ -1,7 +1,7 @@
 """Run megatron-core 0.16.1's training stack on CPU over gloo (active only without CUDA).
 
-megatron-core assumes CUDA in a few dozen places (see ``MEGATRON_CORE_NOTES.md`` section 7 for the
-traced list). This module makes exactly those places CPU-safe, in one spot, without touching how
+megatron-core assumes CUDA in a few dozen places (each is named below with its megatron-core
+file:line). This module makes exactly those places CPU-safe, in one spot, without touching how
 the model computes:
 
 1. **Per-module torch proxy.** The modules below read ``torch`` as a module global; each gets a

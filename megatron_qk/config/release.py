@@ -42,10 +42,9 @@ class ReleaseConfig:
         """Check the maturity settings (paths relative to the section that holds them).
 
         Raises:
-            ConfigError: a negative threshold, ``patience < 1`` or a window outside [0, 1].
+            ConfigError: ``patience < 1`` or a window outside [0, 1]. (A negative threshold is
+            reported by the training preflight, which lists every bad value at once.)
         """
-        if self.threshold < 0:
-            raise ConfigError("threshold", f"must be >= 0, got {self.threshold}")
         if self.patience < 1:
             raise ConfigError("patience", f"must be >= 1, got {self.patience}")
         if not 0.0 <= self.min_frac <= self.max_frac <= 1.0:

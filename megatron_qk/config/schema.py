@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from megatron_qk.config.data import DataConfig
 from megatron_qk.config.errors import NOT_IDENTITY, ConfigError
 from megatron_qk.config.model import ModelConfig, ParallelConfig
-from megatron_qk.config.optim import LAYER_KEYWORDS, OptimConfig, explicit_layers
+from megatron_qk.config.optim import OptimConfig
 from megatron_qk.config.training import DiagnosticsConfig, LoggingConfig, TrainingConfig
 
 
@@ -77,9 +77,6 @@ class ExperimentConfig:
                 "training.eval_interval",
                 "maturity release reads the lower-copy score at evaluations: must be > 0",
             )
-        for i, rule in enumerate(self.optim.rules):
-            if rule.layers.strip() not in LAYER_KEYWORDS:
-                explicit_layers(rule.layers, m.num_layers, f"optim.rules[{i}].layers")
         if self.optim.rules and not m.split_qkv:
             for i, rule in enumerate(self.optim.rules):
                 if set(rule.roles) & {"q", "k", "v"}:

@@ -162,6 +162,31 @@ def _init_process_worker(tokenizer_spec: str, config: RecordConfig) -> None:
     )
 
 
+def _worker_ready() -> None:
+    """A no-op task: submitting one per worker makes the pool start them all now."""
+
+
+def _start_workers_with_sigint_blocked(pool: ProcessPoolExecutor, workers: int) -> None:
+    """Start every worker now, with SIGINT blocked while they are created.
+
+    Ctrl-C reaches the whole process group. A worker that gets it before its initializer has
+    set SIGINT to ignored dies with a KeyboardInterrupt traceback from ``spawn_main`` (seen under
+    load). The signal mask is inherited through fork and exec, so a worker started while the
+    parent blocks SIGINT holds it pending until its initializer ignores it (which discards it);
+    the parent's own pending Ctrl-C is delivered when the mask is restored, nothing is lost.
+    The executor starts workers lazily, one per submission while none is idle, so one no-op
+    task per worker, submitted back to back, starts them all inside the blocked window.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        return  # not POSIX: workers start lazily as before
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        for _ in range(workers):
+            pool.submit(_worker_ready)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _process_in_worker(batch: RawBatch) -> EncodedChunk:
     s = _WORKER_STATE
     return process_batch(batch, s["config"], s["encoding"], s["eod_id"], s["dtype"])
@@ -213,6 +238,7 @@ class BatchProcessor:
                 initializer=_init_process_worker,
                 initargs=(tokenizer_spec, config),
             )
+            _start_workers_with_sigint_blocked(self._pool, workers)
             self._task = _process_in_worker
         else:
             if self.backend == "thread":

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_qk.config.errors import ConfigError
+from megatron_qk.config.optim import LAYER_KEYWORDS, explicit_layers
 from megatron_qk.config.schema import ExperimentConfig
 from megatron_qk.data.validate import DataFileError, check_indexed_dataset
 from megatron_qk.rundir.lock import RunDirBusyError, RunDirLock
@@ -60,13 +61,45 @@ def check_writable_dir(path: str, key: str) -> ConfigError | None:
     return None
 
 
-def _floor_problems(cfg: ExperimentConfig) -> list[ConfigError]:
+def _rule_problems(cfg: ExperimentConfig) -> list[ConfigError]:
+    """Every bad value of the multiplier rules and the entropy floor, all reported at once.
+
+    These checks live here, not in the config dataclasses' own validation, because the preflight
+    lists every problem of a recipe in one message (``test_preflight_collects_every_problem``);
+    a dataclass raises at its first. The library itself accepts an h0 above 1 (the floor is then
+    always active); a launched recipe must not.
+    """
+    problems = []
+    for i, rule in enumerate(cfg.optim.rules):
+        where = f"optim.rules[{i}]"
+        if rule.layers.strip() not in LAYER_KEYWORDS:
+            try:
+                explicit_layers(rule.layers, cfg.model.num_layers, f"{where}.layers")
+            except ConfigError as exc:
+                problems.append(exc)
+        if rule.threshold < 0:
+            problems.append(
+                ConfigError(f"{where}.threshold", f"must be >= 0, got {rule.threshold}")
+            )
     floor = cfg.optim.entropy_floor
-    # Not a check of EntropyFloorConfig itself: the library accepts any h0 (h0 above 1, over
-    # every normalised entropy, keeps the floor always active), a launched recipe must not.
-    if floor.enabled and not 0.0 <= floor.h0 <= 1.0:
-        return [ConfigError("optim.entropy_floor.h0", f"must be in [0, 1], got {floor.h0}")]
-    return []
+    if floor.enabled:
+        if floor.threshold < 0:
+            problems.append(
+                ConfigError("optim.entropy_floor.threshold", f"must be >= 0, got {floor.threshold}")
+            )
+        if not 0.0 <= floor.h0 <= 1.0:
+            problems.append(
+                ConfigError("optim.entropy_floor.h0", f"must be in [0, 1], got {floor.h0}")
+            )
+        if floor.lam < 0:
+            problems.append(
+                ConfigError("optim.entropy_floor.lam", f"must be >= 0, got {floor.lam}")
+            )
+        if floor.patience < 1:
+            problems.append(
+                ConfigError("optim.entropy_floor.patience", f"must be >= 1, got {floor.patience}")
+            )
+    return problems
 
 
 def _data_problems(cfg: ExperimentConfig, scan_tokens: bool) -> list[ConfigError]:
@@ -180,7 +213,7 @@ def preflight(
         cfg.validate_world(world_size)
     except ConfigError as exc:
         problems.append(exc)
-    problems += _floor_problems(cfg)
+    problems += _rule_problems(cfg)
     if check_data:
         problems += _data_problems(cfg, scan_tokens)
     problems += _environment_problems(cfg, check_device)
