@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_qk.diagnostics.ablation import upper_qk_ablation
+from megatron_qk.diagnostics.ablation_budget import ABLATION_MAX_SEQUENCES, ABLATION_MIN_SEQUENCES
 from megatron_qk.diagnostics.locality import locality_diagnostic
 from megatron_qk.diagnostics.recorder import AttentionRecorder
 from megatron_qk.rundir.atomic import write_text_atomic
@@ -32,10 +33,6 @@ from megatron_qk.training.restore import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUT_NAME = "diagnose.json"
-# Upper-Q/K ablation sample: at most the 270M recipes' whole validation set (4 x 512 sequences,
-# 2.1M tokens), at least 64 sequences, stopping once the standard errors are below TARGET_SE.
-ABLATION_MAX_SEQUENCES = 2048
-ABLATION_MIN_SEQUENCES = 64
 
 
 def _indexed_sequences(

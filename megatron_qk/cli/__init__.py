@@ -1,17 +1,22 @@
 """The ``megatron-qk`` console script: one subcommand per user task.
 
 Every subcommand lives in its own module that exposes ``configure_parser(parser)`` and
-``run(args) -> int``. Modules are imported lazily so ``megatron-qk --help`` stays fast (importing
-megatron-core takes several seconds).
+``run(args) -> int``. Modules are imported lazily, and a subcommand module imports nothing heavy
+(torch, megatron-core: seconds and a screen of warnings) at its top, so every ``--help`` is
+instant (``tests/test_cli_help.py`` checks ``sys.modules`` after each).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
-# name -> (module path, one-line help).
+from megatron_qk import __version__
+from megatron_qk.config.extras import MissingExtraError
+
+# name -> (module path, one-line help). Plain text: the help is %-escaped where argparse needs it.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megatron_qk.cli.train", "train a model from a YAML recipe"),
     "preprocess": (
@@ -41,9 +46,42 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "readout": (
         "megatron_qk.cli.readout",
-        "the paper's @3%%/@20%% readout columns, per-table views and Figure 2 from run directories",
+        "the paper's @3%/@20% readout columns, per-table views and Figure 2 from run directories",
     ),
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse without prefix matching: ``--shard 0/3`` is an error, not ``--shard-size 0/3``.
+
+    Sub-parsers (``add_subparsers``) are built from this class too, so every parser of the
+    command line, nested ones included, refuses abbreviations.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def version_line() -> str:
+    """``megatron-qk X (megatron-core Y, torch Z)`` from the installed metadata (imports none)."""
+    parts = []
+    for dist in ("megatron-core", "torch"):
+        try:
+            parts.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return f"megatron-qk {__version__} ({', '.join(parts)})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the line is computed only when asked for (it reads package metadata)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(message=version_line() + "\n")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -51,17 +89,22 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     Args:
         only: configure only this subcommand's options; the others are listed with their help
-            but their modules (some import megatron-core, seconds) are not imported. None
-            configures every subcommand (for tools that inspect the whole parser).
+            but their modules are not imported. None configures every subcommand (for tools
+            that inspect the whole parser).
     """
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="megatron-qk",
         description="Megatron-Core pretraining with upper-layer Q/K learning-rate timing.",
+    )
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print the versions of megatron-qk, megatron-core "
+        "and torch, and exit"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        # argparse %-formats a sub-command's help (not its description, which has no %(prog)).
+        p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
         p.set_defaults(_module=module)
         if only is None or name == only:
             importlib.import_module(module).configure_parser(p)
@@ -75,4 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     # Unknown or missing command: configure nothing, argparse reports the choices.
     parser = build_parser(only=command)
     args = parser.parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except MissingExtraError as exc:  # an optional package: its extra, not a traceback
+        print(f"megatron-qk {args.command}: error: {exc}", file=sys.stderr)
+        return 1

@@ -9,16 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megatron_qk.analysis.diagnose import (
+from megatron_qk.diagnostics.ablation_budget import (
     ABLATION_MAX_SEQUENCES,
     ABLATION_MIN_SEQUENCES,
-    DEFAULT_OUT_NAME,
-    diagnose_checkpoints,
+    TARGET_SE,
 )
-from megatron_qk.diagnostics.ablation import TARGET_SE
 from megatron_qk.rundir.cli_args import add_checkpoint_argument
-from megatron_qk.rundir.layout import list_checkpoints, resolve_checkpoint
-from megatron_qk.training.distributed import teardown_distributed
+from megatron_qk.rundir.layout import DIAGNOSE_FILE, list_checkpoints, resolve_checkpoint
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +29,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "own validation data",
     )
     parser.add_argument(
-        "--out", default=None, help=f"output JSON (default: RUN_DIR/{DEFAULT_OUT_NAME})"
+        "--out", default=None, help=f"output JSON (default: RUN_DIR/{DIAGNOSE_FILE})"
     )
     parser.add_argument(
         "--all-checkpoints",
@@ -74,6 +71,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Diagnose one or all checkpoints and merge the results into the output JSON."""
+    # torch and megatron-core (seconds): imported here so that --help stays instant.
+    from megatron_qk.analysis.diagnose import diagnose_checkpoints
+    from megatron_qk.training.distributed import teardown_distributed
+
     if min(args.num_sequences, args.batch_size, args.ablation_sequences) < 1:
         raise SystemExit("megatron-qk diagnose: --num-sequences and --batch-size must be >= 1")
     try:
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise SystemExit(f"megatron-qk diagnose: {exc}") from None
     checkpoints = list_checkpoints(run_dir / "checkpoints") if args.all_checkpoints else [ckpt]
-    out = Path(args.out) if args.out else run_dir / DEFAULT_OUT_NAME
+    out = Path(args.out) if args.out else run_dir / DIAGNOSE_FILE
     try:
         results = diagnose_checkpoints(
             checkpoints,

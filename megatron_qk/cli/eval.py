@@ -29,7 +29,6 @@ from megatron_qk.evaluation.suite import (
 )
 from megatron_qk.rundir.atomic import write_json_atomic
 from megatron_qk.rundir.cli_args import add_checkpoint_argument
-from megatron_qk.training.safe_load import UnsafeCheckpointError
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +118,9 @@ def _print_table(report: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation; returns 0 on success, 1 for a bad checkpoint/task, 2 for bad options."""
+    # torch (seconds): imported here so that --help stays instant.
+    from megatron_qk.training.safe_load import UnsafeCheckpointError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.task_dir and not args.allow_downloads:
         set_offline_env()  # before datasets / huggingface_hub (lm_eval's) are imported

@@ -16,8 +16,6 @@ from pathlib import Path
 
 from megatron_qk.data.tokenizer import TokenizerError
 from megatron_qk.evaluation.suite import EvalError
-from megatron_qk.export.checkpoint_export import export_checkpoint
-from megatron_qk.export.hf import ExportError
 from megatron_qk.rundir.cli_args import add_checkpoint_argument
 
 
@@ -27,7 +25,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step", type=int, default=None, help="export the checkpoint taken after this step"
     )
-    parser.add_argument("--format", choices=("hf", "megatron"), required=True)
+    parser.add_argument(
+        "--format",
+        choices=("hf", "megatron"),
+        required=True,
+        help="hf: a transformers model directory (config.json, model.safetensors, tokenizer; "
+        "needs the [export] extra); megatron: a stock Megatron-Core torch_dist checkpoint with "
+        "the fused linear_qkv",
+    )
     parser.add_argument(
         "--out", required=True, help="output directory (must not exist or be empty)"
     )
@@ -41,6 +46,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the export; 0 on success, 1 for a bad checkpoint, model or output directory."""
+    # torch and megatron-core (seconds): imported here so that --help stays instant.
+    from megatron_qk.export.checkpoint_export import export_checkpoint
+    from megatron_qk.export.hf import ExportError
+
     try:
         summary = export_checkpoint(
             args.checkpoint, Path(args.out), args.format, args.step, args.tokenizer

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_qk.quickstart import run_quickstart
-
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the quickstart options."""
@@ -33,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
     """Run every stage and print the report's path."""
     if args.steps is not None and args.steps < 10:
         raise SystemExit("megatron-qk quickstart: --steps must be >= 10")
+    # torch and megatron-core (seconds): imported here so that --help stays instant.
+    from megatron_qk.quickstart import run_quickstart
+
     report = run_quickstart(args)
     print(f"\nreport: {report}")
     return 0

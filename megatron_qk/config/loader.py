@@ -23,6 +23,7 @@ import yaml
 
 from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.schema import ExperimentConfig
+from megatron_qk.config.suggest import suggest
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -30,6 +31,24 @@ PRESET_DIR = Path(__file__).parent / "presets"
 def list_presets() -> list[str]:
     """Names of the packaged presets (``megatron_qk/config/presets/*.yaml``)."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_summaries() -> list[tuple[str, str]]:
+    """``(name, one line)`` per preset: its header comment's first phrase and the model's shape.
+
+    For ``megatron-qk train --help``; reads the preset files only (no torch).
+    """
+    out = []
+    for name in list_presets():
+        text = (PRESET_DIR / f"{name}.yaml").read_text(encoding="utf-8")
+        header = " ".join(
+            line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")
+        )
+        phrase = re.split(r"[.:;](?:\s|$)", header, maxsplit=1)[0].strip()
+        m = load_config(name).model
+        shape = f"{m.num_layers} layers x {m.hidden_size}, {m.ffn} {m.ffn_hidden_size}"
+        out.append((name, f"{phrase} ({shape}, seq {m.seq_length})"))
+    return out
 
 
 def _resolve_source(source: str | Path, relative_to: Path | None = None) -> Path:
@@ -140,8 +159,24 @@ def _type_name(tp: Any) -> str:
 _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+# PyYAML reads yes/no/on/off/true/false (any case, unquoted) as booleans.
+_BOOLEAN_HINT = (
+    "; YAML reads an unquoted yes/no/on/off/true/false as a boolean: quote the value if you "
+    "meant the word"
+)
+
+
 def _build(tp: Any, value: Any, path: str) -> Any:
     """Convert a YAML value to ``tp`` strictly, raising ConfigError with ``path``."""
+    try:
+        return _build_value(tp, value, path)
+    except ConfigError as exc:
+        if isinstance(value, bool) and exc.path == path and _BOOLEAN_HINT not in exc.message:
+            raise ConfigError(path, exc.message + _BOOLEAN_HINT) from None
+        raise
+
+
+def _build_value(tp: Any, value: Any, path: str) -> Any:
     origin = get_origin(tp)
     if tp in (int, float) and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
         value = float(value)
@@ -195,8 +230,11 @@ def build_dataclass(cls: type, data: Any, path: str = "") -> Any:
     for key, value in data.items():
         key_path = f"{path}.{key}" if path else str(key)
         if key not in fields:
+            close = suggest(path, list(fields), str(key))
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise ConfigError(
-                key_path, f"unknown key (known keys of {path or 'the recipe'}: {sorted(fields)})"
+                key_path,
+                f"unknown key{hint} (known keys of {path or 'the recipe'}: {sorted(fields)})",
             )
         kwargs[key] = _build(hints[key], value, key_path)
     try:
@@ -206,15 +244,47 @@ def build_dataclass(cls: type, data: Any, path: str = "") -> Any:
         raise ConfigError(full, exc.message) from None
 
 
-def _locate(exc: ConfigError, lines: dict[str, tuple[Path, int]]) -> ConfigError:
-    path = exc.path
+def _is_under(key: str, path: str) -> bool:
+    return key.startswith((f"{path}.", f"{path}["))
+
+
+def _where(path: str, lines: dict[str, tuple[str, int]]) -> str | None:
+    """``file:line`` (or ``--set KEY=VALUE``) that gave ``path``, its section or, for a key that
+    only its sub-keys were given for (``--set foo.bar=1`` for an unknown ``foo``), its sub-key."""
+    below = next((k for k in lines if _is_under(k, path)), None) if path else None
     while path:
         if path in lines:
-            file, line = lines[path]
-            where = f"{file}:{line}" if line else str(file)
-            return ConfigError(exc.path, f"{exc.message} ({where})")
-        path = path.rsplit(".", 1)[0] if "." in path else ""
-    return exc
+            break
+        parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path)
+        path = "" if parent == path else parent
+    key = path or below
+    if key is None:
+        return None
+    file, line = lines[key]
+    return f"{file}:{line}" if line else str(file)
+
+
+def _locate(exc: ConfigError, lines: dict[str, tuple[str, int]]) -> ConfigError:
+    where = _where(exc.path, lines)
+    if where is None:
+        return exc
+    located = type(exc).__new__(type(exc))  # keeps the subclass and its other attributes
+    located.__dict__.update(exc.__dict__)
+    located.message = f"{exc.message} ({where})"
+    located.args = (f"{exc.path}: {located.message}" if exc.path else located.message,)
+    return located
+
+
+# Attribute of a loaded config holding where each key came from (not a dataclass field: it is
+# not part of the recipe, its identity or config.yaml).
+_SOURCES = "_recipe_sources"
+
+
+def locate(exc: ConfigError, cfg: ExperimentConfig) -> ConfigError:
+    """``exc`` with the file:line (or ``--set``) of its key appended, when ``cfg`` came from
+    :func:`load_config`; for problems found after loading (the training preflight)."""
+    lines = getattr(cfg, _SOURCES, None)
+    return _locate(exc, lines) if lines else exc
 
 
 def load_config(
@@ -232,15 +302,21 @@ def load_config(
     Raises:
         ConfigError: naming the dotted path (and file:line when known) of the offending key.
     """
-    data, lines = _load_with_bases(_resolve_source(source))
+    data, raw_lines = _load_with_bases(_resolve_source(source))
+    lines = {k: (str(file), line) for k, (file, line) in raw_lines.items()}
     for text in overrides:
         parts, value = parse_override(text)
         apply_override(data, parts, value)
-        lines[".".join(parts)] = (Path(f"--set {text}"), 0)  # the value comes from the CLI
+        key = ".".join(parts)
+        # The value replaces whatever the files said below this key.
+        lines = {k: v for k, v in lines.items() if not _is_under(k, key)}
+        lines[key] = (f"--set {text}", 0)  # the value comes from the CLI
     try:
-        return build_dataclass(ExperimentConfig, data)
+        cfg = build_dataclass(ExperimentConfig, data)
     except ConfigError as exc:
         raise _locate(exc, lines) from None
+    setattr(cfg, _SOURCES, lines)
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict:

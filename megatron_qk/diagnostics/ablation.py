@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from megatron_qk.diagnostics.ablation_budget import TARGET_SE  # noqa: F401 (re-exported)
 from megatron_qk.diagnostics.recorder import AttentionRecorder
 
 ABLATIONS = ("q", "k", "qk")
@@ -49,10 +50,6 @@ def zeroed_upper_qk(recorder: AttentionRecorder, which: str) -> Iterator[None]:
 
     with recorder.attached(probe):
         yield
-
-
-#: 10% of the paper's smallest 270M ablation effect (+0.35 ppl, Section 5.3).
-TARGET_SE = 0.035
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron_qk.config.extras import require
 from megatron_qk.config.loader import load_resolved_config
 from megatron_qk.data.data_summary import data_summary_paths
 from megatron_qk.data.tokenizer import load_tokenizer
@@ -173,7 +174,7 @@ def resolve_tasks(
         EvalError: for a missing task directory, a task directory holding code while
             ``trust_task_code`` is False, or an unknown task name (with suggestions).
     """
-    from lm_eval.tasks._index import Kind
+    Kind = require("lm_eval.tasks._index", "megatron-qk eval").Kind
 
     task_dirs = [Path(d) for d in task_dirs or []]
     for d in task_dirs:
@@ -345,8 +346,9 @@ def evaluate_checkpoint(
         TokenizerMismatchError: the run was trained with another tokenizer.
         EvalError: unknown task, unloadable dataset, generation task.
     """
-    import lm_eval
     import torch
+
+    lm_eval = require("lm_eval", "megatron-qk eval")
 
     # Lazy with torch and lm_eval: compare reads this module's report format without torch.
     from megatron_qk.evaluation.adapter import MegatronLM

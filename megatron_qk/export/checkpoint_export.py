@@ -18,6 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
+from megatron_qk.config.extras import require
 from megatron_qk.config.loader import load_resolved_config
 from megatron_qk.data.tokenizer import load_tokenizer
 from megatron_qk.evaluation.suite import check_tokenizer
@@ -63,6 +64,7 @@ def export_checkpoint(checkpoint: str, out: Path, fmt: str, step=None, tokenizer
     shutil.rmtree(work, ignore_errors=True)
     if fmt == "hf":
         hf_architecture(cfg.model)  # refuse before loading weights
+        require("safetensors.torch", "export --format hf")
         loaded = load_checkpoint_for_analysis(path)
         state = {k: v.cpu() for k, v in loaded.model.state_dict().items() if v is not None}
         files = write_hf_model(work, loaded.cfg, state, tok.vocab_size, tok.eod_id)

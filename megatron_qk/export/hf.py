@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_qk.config.extras import require
 from megatron_qk.config.model import ModelConfig
 from megatron_qk.config.schema import ExperimentConfig
 from megatron_qk.models.split_qkv import fused_qkv_to_split, split_qkv_to_fused
@@ -222,7 +223,7 @@ def write_hf_model(
     Returns:
         The files written.
     """
-    from safetensors.torch import save_file
+    save_file = require("safetensors.torch", "export --format hf").save_file
 
     config = hf_config(cfg, vocab_size, eod_id)
     tensors = hf_state_dict(state, cfg, vocab_size)

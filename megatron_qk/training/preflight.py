@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 from megatron_qk.config.errors import ConfigError
+from megatron_qk.config.extras import missing_extra
+from megatron_qk.config.loader import locate
 from megatron_qk.config.optim import LAYER_KEYWORDS, explicit_layers
 from megatron_qk.config.schema import ExperimentConfig
 from megatron_qk.data.validate import DataFileError, check_indexed_dataset
@@ -130,10 +132,9 @@ def _environment_problems(cfg: ExperimentConfig, check_device: bool) -> list[Con
     import torch  # heavy: only the device checks need it
 
     problems = []
-    if cfg.logging.wandb != "disabled" and importlib.util.find_spec("wandb") is None:
-        problems.append(
-            ConfigError("logging.wandb", f"{cfg.logging.wandb!r} needs wandb: pip install wandb")
-        )
+    if cfg.logging.wandb != "disabled":
+        missing = missing_extra("wandb", f"{cfg.logging.wandb!r}")
+        problems += [ConfigError("logging.wandb", str(missing))] if missing else []
     if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
         problems.append(
             ConfigError("logging.tensorboard", "needs the tensorboard package (or set it false)")
@@ -220,4 +221,4 @@ def preflight(
     if run_dir:
         problems += run_dir_problems(cfg, overwrite, probe_lock)
     if problems:
-        raise PreflightError(problems)
+        raise PreflightError([locate(p, cfg) for p in problems])  # + file:line of each key

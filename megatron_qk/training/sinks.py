@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megatron_qk.config.extras import require
 from megatron_qk.rundir.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -87,12 +88,7 @@ class MetricsSinks:
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         if wandb_mode != "disabled":
-            try:
-                import wandb
-            except ImportError as exc:
-                raise RuntimeError(
-                    "logging.wandb is set but wandb is not installed: pip install wandb"
-                ) from exc
+            wandb = require("wandb", f"logging.wandb: {wandb_mode}")
             self._wandb = wandb.init(
                 project=wandb_project,
                 name=run_name,
