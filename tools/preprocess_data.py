@@ -19,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_qk.cli import preprocess  # noqa: E402
+from megatron_qk.cli import ArgumentParser, preprocess  # noqa: E402
 from megatron_qk.data.tokenizer_files import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     """``megatron-qk preprocess`` options plus Megatron-LM compatibility flags."""
-    parser = argparse.ArgumentParser(description=preprocess.__doc__.splitlines()[0])
+    parser = ArgumentParser(description=preprocess.__doc__.splitlines()[0])
     preprocess.configure_parser(parser)
     compat = parser.add_argument_group("Megatron-LM compatibility")
     compat.add_argument("--json-keys", nargs=1, metavar="KEY", help="same as --text-key KEY")

@@ -19,7 +19,6 @@ import torch
 from tqdm import tqdm
 
 from megatron_qk.diagnostics.ablation import upper_qk_ablation
-from megatron_qk.diagnostics.ablation_budget import ABLATION_MAX_SEQUENCES, ABLATION_MIN_SEQUENCES
 from megatron_qk.diagnostics.locality import locality_diagnostic
 from megatron_qk.diagnostics.recorder import AttentionRecorder
 from megatron_qk.rundir.atomic import write_text_atomic

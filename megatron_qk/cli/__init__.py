@@ -81,7 +81,8 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.exit(message=version_line() + "\n")
+        print(version_line())
+        parser.exit()
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -97,8 +98,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Megatron-Core pretraining with upper-layer Q/K learning-rate timing.",
     )
     parser.add_argument(
-        "--version", action=_VersionAction, help="print the versions of megatron-qk, megatron-core "
-        "and torch, and exit"
+        "--version",
+        action=_VersionAction,
+        help="print the versions of megatron-qk, megatron-core and torch, and exit",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

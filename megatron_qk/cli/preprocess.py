@@ -21,6 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from megatron_qk.data.pipeline import PreprocessConfig, default_workers, preprocess
 from megatron_qk.data.readers import HubDataset, PreprocessError
 from megatron_qk.data.tokenizer import TokenizerError
+from megatron_qk.data.workdir import OutputPaths
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -226,7 +227,13 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(summary_line(summary))
     if summary["documents"] == 0:
-        print("preprocess: error: no documents were written (see the summary)", file=sys.stderr)
+        source = ", ".join(config.inputs) if config.inputs else config.hf.name
+        where = OutputPaths(config.output_prefix).summary
+        print(
+            f"preprocess: error: no documents were written from {source}: no usable record "
+            f"(skipped records are counted by reason in {where})",
+            file=sys.stderr,
+        )
         return 1
     if config.valid_fraction > 0 and not summary.get("valid"):
         print("preprocess: warning: the validation split received no documents", file=sys.stderr)

@@ -19,14 +19,17 @@ import logging
 import os
 import sys
 
+from megatron_qk.cli.train_help import data_hint, presets_epilog
 from megatron_qk.config.errors import ConfigError
-from megatron_qk.config.loader import load_config
+from megatron_qk.config.loader import config_to_dict, dump_config, load_config
 from megatron_qk.rundir.lock import RunDirBusyError
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the train options (shared with ``python -m megatron_qk.train``)."""
-    parser.add_argument("config", help="recipe YAML path or preset name (tiny, gpt-270m, ...)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the preset lines
+    parser.epilog = presets_epilog()
+    parser.add_argument("config", help="recipe YAML path or preset name (listed below)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -54,6 +57,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --dry-run: do not check the data files (planning a run before its data "
         "exists); a real run always checks them",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="show the resolved recipe (base, --set and every default applied): alone, print it "
+        "as YAML and exit without training; with --dry-run, under 'config' in its JSON report",
     )
     parser.add_argument(
         "--overwrite",
@@ -96,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"megatron-qk train: config error: {exc}", file=sys.stderr)
         return 2
+    if args.print_config and not args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
     world = args.nproc_per_node * args.nnodes
     if not args.dry_run and "WORLD_SIZE" not in os.environ and world > 1:
         return _launch_torchrun(args)
@@ -116,11 +128,16 @@ def run(args: argparse.Namespace) -> int:
             # The layout was validated for the requested world size above; the count itself is
             # layout-independent and is taken in this one process.
             report = dry_run(cfg)
+            if args.print_config:
+                report["config"] = config_to_dict(cfg)
             print(json.dumps(report, indent=2))
             return 0
         summary = train_from_config(cfg, overwrite=args.overwrite)
     except ConfigError as exc:
         print(f"megatron-qk train: config error: {exc}", file=sys.stderr)
+        hint = data_hint(exc, args.dry_run)
+        if hint:
+            print(f"megatron-qk train: {hint}", file=sys.stderr)
         return 2
     except RunDirBusyError as exc:
         print(f"megatron-qk train: {exc}", file=sys.stderr)

@@ -44,7 +44,8 @@ def preset_summaries() -> list[tuple[str, str]]:
         header = " ".join(
             line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")
         )
-        phrase = re.split(r"[.:;](?:\s|$)", header, maxsplit=1)[0].strip()
+        phrase = re.split(r"[.:;](?:\s|$)", header, maxsplit=1)[0]
+        phrase = re.sub(r"\s*\([^)]*\)", "", phrase).strip()  # "(Section 4, Appendix J)"
         m = load_config(name).model
         shape = f"{m.num_layers} layers x {m.hidden_size}, {m.ffn} {m.ffn_hidden_size}"
         out.append((name, f"{phrase} ({shape}, seq {m.seq_length})"))

@@ -1,4 +1,4 @@
-""""Did you mean" for an unknown recipe key: a close spelling in the same section, the same name
+""" "Did you mean" for an unknown recipe key: a close spelling in the same section, the same name
 in another section, or the key a name from another trainer (Megatron-LM, nanoGPT, torchtitan,
 transformers) corresponds to (``training.learning_rate`` -> ``optim.lr``).
 """
@@ -78,7 +78,9 @@ def _sections(cls: type = ExperimentConfig, prefix: str = "") -> dict[str, list[
 
 def all_keys() -> list[str]:
     """Every dotted key of a recipe (list items as ``optim.rules[].name``)."""
-    return [f"{sec}.{name}" if sec else name for sec, names in _sections().items() for name in names]
+    return [
+        f"{sec}.{name}" if sec else name for sec, names in _sections().items() for name in names
+    ]
 
 
 def _dedupe(items: list[str]) -> list[str]:

@@ -346,9 +346,8 @@ def evaluate_checkpoint(
         TokenizerMismatchError: the run was trained with another tokenizer.
         EvalError: unknown task, unloadable dataset, generation task.
     """
+    lm_eval = require("lm_eval", "megatron-qk eval")  # first: a missing harness says so at once
     import torch
-
-    lm_eval = require("lm_eval", "megatron-qk eval")
 
     # Lazy with torch and lm_eval: compare reads this module's report format without torch.
     from megatron_qk.evaluation.adapter import MegatronLM
