@@ -6,8 +6,10 @@ It may start from a preset or another recipe with ``base: tiny`` (a preset name)
 the base. ``--set a.b=c`` overrides are applied last; their values are parsed as YAML scalars
 (``--set optim.lr=1e-3``).
 
-Every error names the dotted path of the offending key and, where it came from a file, the file
-and line.
+Every error names the dotted path of the offending key and where it came from (the file and line,
+or the ``--set``); an unknown key comes with the keys it may have meant (``config/suggest.py``). A
+loaded config remembers those sources, so problems found later (the training preflight) are
+located too (:func:`locate`).
 """
 
 from __future__ import annotations
