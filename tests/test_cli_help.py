@@ -148,10 +148,20 @@ def test_every_parser_refuses_abbreviations():
 
 
 def test_an_unknown_option_is_not_taken_for_a_known_one(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["preprocess", "--input", "x.jsonl", "--output-prefix", "o", "--shard", "0/3"])
+    base = ["preprocess", "--input", "x.jsonl", "--output-prefix", "o"]
+    parser = build_parser(only="preprocess")
+    default = parser.parse_args(base).shard_size
+    try:  # the case (should preprocess ever get a --shard option, it must be that one)
+        args = parser.parse_args([*base, "--shard", "0/3"])
+    except SystemExit as exc:
+        assert exc.code == 2
+        assert "unrecognized arguments: --shard 0/3" in capsys.readouterr().err
+    else:
+        assert args.shard_size == default
+    with pytest.raises(SystemExit) as exc:  # a prefix of --shard-size alone
+        main([*base, "--shard-s", "7"])
     assert exc.value.code == 2
-    assert "unrecognized arguments: --shard 0/3" in capsys.readouterr().err
+    assert "unrecognized arguments: --shard-s 7" in capsys.readouterr().err
 
 
 def test_python_m_train_refuses_abbreviations(monkeypatch, capsys):
