@@ -69,3 +69,17 @@ def test_single_process_run_sets_cuda_device_max_connections(monkeypatch):
 )
 def test_peak_tflops_from_the_device_name(name, peak, known):
     assert peak_bf16_tflops(name) == (peak, known)
+
+
+def test_bias_dropout_fusion_only_for_training_with_dropout(monkeypatch):
+    """Its torch.compile (train and inference functions, every process) buys nothing without
+    dropout, and an evaluation model never asks for it."""
+    from megatron_qk.models import speed
+    from megatron_qk.models.builder import transformer_config_from
+
+    monkeypatch.setattr(speed, "te_available", lambda: False)
+    assert "bias_dropout_fusion" not in speed.training_speed_flags(cuda=True)
+    assert speed.training_speed_flags(cuda=True, hidden_dropout=0.1)["bias_dropout_fusion"]
+    assert "bias_dropout_fusion" not in speed.training_speed_flags(cuda=False, hidden_dropout=0.1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert transformer_config_from(load_config("tiny")).bias_dropout_fusion is False

@@ -7,7 +7,12 @@ import contextlib
 import torch
 
 from megatron_qk.config.schema import ExperimentConfig
-from megatron_qk.models.specs import FFN_TABLE, build_block_spec, use_transformer_engine
+from megatron_qk.models.specs import (
+    FFN_TABLE,
+    build_block_spec,
+    target_is_cuda,
+    use_transformer_engine,
+)
 
 
 def padded_vocab_size(cfg: ExperimentConfig) -> int:
@@ -19,15 +24,22 @@ def padded_vocab_size(cfg: ExperimentConfig) -> int:
 def transformer_config_from(cfg: ExperimentConfig, bf16: bool = False, **overrides):
     """Megatron ``TransformerConfig`` for the recipe's model and parallel layout.
 
-    Weights are always initialised on the CPU (layout-independent, reproducible); on CPU the
-    fused kernels (which need CUDA or torch.compile) are off. ``bias_activation_fusion`` follows
-    the recipe so compared arms use the same GELU approximation.
+    Weights are always initialised on the CPU (layout-independent, reproducible). Every fused
+    kernel is off: a model built for evaluation or analysis computes the reference function
+    with no torch.compile on its first step (``bias_dropout_fusion`` compiles a train and an
+    inference function in every process); the trainer turns on what pays for itself on its
+    device (``models/speed.py``). ``bias_activation_fusion`` follows the recipe so compared arms
+    use the same GELU approximation.
+
+    Args:
+        cfg: the recipe.
+        bf16: bf16 parameters (fp32 otherwise).
+        overrides: ``TransformerConfig`` fields set last.
     """
     from megatron.core.transformer import TransformerConfig
 
     m, p = cfg.model, cfg.parallel
     gated, activation = FFN_TABLE[m.ffn]
-    on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
     kwargs = dict(
         num_layers=m.num_layers,
@@ -58,7 +70,7 @@ def transformer_config_from(cfg: ExperimentConfig, bf16: bool = False, **overrid
         use_cpu_initialization=True,
         bias_activation_fusion=m.bias_activation_fusion,
         masked_softmax_fusion=False,
-        bias_dropout_fusion=on_gpu,
+        bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
@@ -75,6 +87,7 @@ def build_gpt_model(
     vp_stage: int | None = None,
     meta_device: bool = False,
     init_seed: int | None = None,
+    device: torch.device | str | None = None,
 ):
     """Build this pipeline stage's ``GPTModel`` (RoPE, tied embeddings per the recipe).
 
@@ -88,6 +101,9 @@ def build_gpt_model(
             parameter counting of large presets).
         init_seed: seed each layer's initial weights by its global layer number, so every
             TP/PP layout builds the same model (the trainer passes ``training.seed``).
+        device: the device the model will run on; norms and the TE/local choice follow it
+            (default: CUDA when this host has it). A CPU model on a GPU host gets no CUDA-only
+            kernel.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -103,8 +119,11 @@ def build_gpt_model(
     # Meta-device builds use the local spec: TE modules under use_cpu_initialization copy a
     # master weight into their own (transformer_engine.py:853, tensor_parallel/layers.py:189),
     # which fails from meta. The parameter count does not depend on the implementation.
-    use_te = use_transformer_engine(cfg.model) and not meta_device
-    block = build_block_spec(cfg.model, config, use_te, vp_stage=vp_stage, init_seed=init_seed)
+    cuda = target_is_cuda(None if device is None else torch.device(device).type == "cuda")
+    use_te = use_transformer_engine(cfg.model, cuda) and not meta_device
+    block = build_block_spec(
+        cfg.model, config, use_te, vp_stage=vp_stage, init_seed=init_seed, cuda=cuda
+    )
     ctx = torch.device("meta") if meta_device else contextlib.nullcontext()
     with ctx:
         model = GPTModel(
