@@ -83,3 +83,26 @@ def test_bias_dropout_fusion_only_for_training_with_dropout(monkeypatch):
     assert "bias_dropout_fusion" not in speed.training_speed_flags(cuda=False, hidden_dropout=0.1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert transformer_config_from(load_config("tiny")).bias_dropout_fusion is False
+
+
+@pytest.mark.parametrize("target", ["cuda", "cpu"])
+def test_master_weights_are_drawn_on_the_target_device(single_rank, monkeypatch, target):
+    """Start-up: a CUDA model's full master weights are allocated (and drawn) on the GPU, not
+    on the host. Megatron's CPU-initialisation path allocates with the default device, so the
+    build must run under the target's device context."""
+    import megatron.core.models.gpt as gpt
+
+    from megatron_qk.models import builder
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            seen.append(torch.get_default_device())
+
+    monkeypatch.setattr(gpt, "GPTModel", Recorder)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: target == "cuda")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    builder.build_gpt_model(load_config("tiny"), init_seed=1)
+    builder.build_gpt_model(load_config("tiny"), init_seed=1, device=target)
+    assert seen == [torch.device(target, 0) if target == "cuda" else torch.device("cpu")] * 2

@@ -24,7 +24,8 @@ def padded_vocab_size(cfg: ExperimentConfig) -> int:
 def transformer_config_from(cfg: ExperimentConfig, bf16: bool = False, **overrides):
     """Megatron ``TransformerConfig`` for the recipe's model and parallel layout.
 
-    Weights are always initialised on the CPU (layout-independent, reproducible). Every fused
+    Weights are initialised as full master weights sliced per TP rank (layout-independent,
+    reproducible), on the device the model is built for (:func:`build_gpt_model`). Every fused
     kernel is off: a model built for evaluation or analysis computes the reference function
     with no torch.compile on its first step (``bias_dropout_fusion`` compiles a train and an
     inference function in every process); the trainer turns on what pays for itself on its
@@ -63,10 +64,12 @@ def transformer_config_from(cfg: ExperimentConfig, bf16: bool = False, **overrid
         bf16=bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
-        # Always initialise on the CPU: the per-layer seeds (specs.LayerSeededTransformerLayer)
-        # drive torch's global RNG, which only the CPU path uses; Megatron's GPU path draws from
-        # the model-parallel RNG tracker (seeded per TP rank), so a GPU-initialised model would
-        # depend on the layout and could not be rebuilt by `diagnose` for the displacement.
+        # Megatron's "CPU initialisation" path: one full master weight per tensor, drawn from
+        # torch's default generator (which the per-layer seeds of
+        # specs.LayerSeededTransformerLayer drive), the TP shard sliced from it. Its GPU path
+        # draws each shard from the model-parallel RNG tracker (seeded per TP rank): the model
+        # would depend on the layout and could not be rebuilt by `diagnose` for the
+        # displacement. build_gpt_model runs this path on the target device (GPU draws there).
         use_cpu_initialization=True,
         bias_activation_fusion=m.bias_activation_fusion,
         masked_softmax_fusion=False,
@@ -124,7 +127,18 @@ def build_gpt_model(
     block = build_block_spec(
         cfg.model, config, use_te, vp_stage=vp_stage, init_seed=init_seed, cuda=cuda
     )
-    ctx = torch.device("meta") if meta_device else contextlib.nullcontext()
+    if meta_device:
+        ctx = torch.device("meta")
+    elif cuda:
+        # Initialise where the model will run: Megatron's CPU-initialisation path (one full
+        # master weight per tensor, per-layer seeds, the TP shard sliced from it) allocates with
+        # the default device, so under this context every master weight is drawn on the GPU
+        # by the CUDA generator that LayerSeededTransformerLayer's torch.manual_seed also
+        # seeds: still the same model for every TP/PP layout, no host draws (docs/TRAPS.md,
+        # "Initial weights depend on the device").
+        ctx = torch.device("cuda", torch.cuda.current_device())
+    else:
+        ctx = contextlib.nullcontext()
     with ctx:
         model = GPTModel(
             config=config,
