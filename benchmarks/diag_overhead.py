@@ -43,13 +43,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--set", action="append", default=[], help="recipe override (repeatable)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=10, help="timed repetitions of each")
-    args = p.parse_args()
+    p.add_argument(
+        "--max-overhead",
+        type=float,
+        default=None,
+        help="fail (exit 1) when the overhead projected to the recipe's batch exceeds this "
+        "fraction (docs/BENCHMARKS.md: 0.02)",
+    )
+    args = p.parse_args(argv)
 
     from megatron_qk.config.loader import load_config
     from megatron_qk.training.callbacks.diagnostics import HeldOutDiagnostics
@@ -84,6 +91,9 @@ def main() -> None:
     recipe_batch = recipe.training.global_batch_size
     overhead = t_diag / (interval * t_step)
     projected = t_diag / (interval * t_step * recipe_batch / measured_batch)
+    judged = {} if args.max_overhead is None else {"max_overhead": args.max_overhead}
+    if judged:
+        judged["ok"] = projected <= args.max_overhead
     print(
         json.dumps(
             {
@@ -102,12 +112,14 @@ def main() -> None:
                 "global_batch_recipe": recipe_batch,
                 "overhead": round(overhead, 5),
                 "projected_overhead": round(projected, 5),
+                **judged,
             },
             indent=2,
         )
     )
     teardown_distributed()
+    return 0 if judged.get("ok", True) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

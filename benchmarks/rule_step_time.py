@@ -29,13 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 RULE = "optim.rules=[{name: upper_qk, release: never}]"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=40, help="timed steps per arm")
-    args = p.parse_args()
+    p.add_argument(
+        "--max-ratio",
+        type=float,
+        default=None,
+        help="fail (exit 1) above this rule/control ratio (docs/BENCHMARKS.md: 1.01)",
+    )
+    args = p.parse_args(argv)
 
     from megatron_qk.config.loader import load_config
     from megatron_qk.training.distributed import setup_distributed, teardown_distributed
@@ -73,6 +79,10 @@ def main() -> None:
         mult = trainers["upper_qk"].scheduler.multipliers()["upper_qk"]
         assert mult == 0.25, mult  # the rule was active for every timed step
     med = {arm: statistics.median(v) for arm, v in times.items()}
+    ratio = round(med["upper_qk"] / med["control"], 4)
+    judged = {} if args.max_ratio is None else {"max_ratio": args.max_ratio}
+    if judged:
+        judged["ok"] = ratio <= args.max_ratio
     print(
         json.dumps(
             {
@@ -85,13 +95,15 @@ def main() -> None:
                 "steps": args.steps,
                 "control_ms": round(med["control"] * 1e3, 3),
                 "upper_qk_ms": round(med["upper_qk"] * 1e3, 3),
-                "ratio_rule_over_control": round(med["upper_qk"] / med["control"], 4),
+                "ratio_rule_over_control": ratio,
+                **judged,
             },
             indent=2,
         )
     )
     teardown_distributed()
+    return 0 if judged.get("ok", True) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

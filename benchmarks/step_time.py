@@ -9,8 +9,14 @@ optimizer with fp32 master weights, Megatron's schedule) on one micro-batch. The
 alternate, warm-up steps are discarded and the median of the timed steps is reported; the ratio
 ours/stock is the figure to record (target <= 1.02).
 
+Both configurations carry the trainer's ``training_speed_flags()`` (TE's fused weight-gradient
+accumulation into ``main_grad``, fused RoPE), so the stock fused ``linear_qkv`` is timed with the
+fusions training gives it. ``--max-ratio R`` (``tools/gpu_check.sh`` passes docs/BENCHMARKS.md's
+1.02) judges the run: ``ok`` is false and the exit code 1 when ours/stock exceeds R.
+
 Tokens/s, model TFLOP/s and MFU use Megatron-LM's FLOPs formula (``megatron_qk.models.flops``,
-docs/THROUGHPUT.md) against ``--peak-tflops`` (default 989, H100/H200 SXM dense bf16).
+docs/THROUGHPUT.md) against ``--peak-tflops`` (default: the dense bf16 peak of the device by its
+name, ``megatron_qk.models.flops.peak_bf16_tflops``; 989, H100 SXM, on a CPU).
 
 Usage::
 
@@ -49,12 +55,16 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="timed steps per model")
     p.add_argument("--bf16", action="store_true", help="bf16 params (GPU)")
-    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--peak-tflops", type=float, default=None, help="default: by device name")
+    p.add_argument("--max-ratio", type=float, default=None, help="fail above this ours/stock")
     return p.parse_args(argv)
 
 
-def main() -> None:
-    print(json.dumps(measure(_parse()), indent=2))
+def main(argv: list[str] | None = None) -> int:
+    """Print the JSON record; exit 1 when ``--max-ratio`` is given and exceeded."""
+    result = measure(_parse(argv))
+    print(json.dumps(result, indent=2))
+    return 0 if result.get("ok", True) else 1
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -66,9 +76,10 @@ def measure(args: argparse.Namespace) -> dict:
         padded_vocab_size,
         transformer_config_from,
     )
-    from megatron_qk.models.flops import flops_per_token, throughput_fields
+    from megatron_qk.models.flops import flops_per_token, peak_bf16_tflops, throughput_fields
     from megatron_qk.models.params import count_parameters
     from megatron_qk.models.specs import use_transformer_engine
+    from megatron_qk.models.speed import training_speed_flags
     from megatron_qk.training.distributed import setup_distributed, teardown_distributed
 
     overrides = list(args.set)
@@ -79,8 +90,14 @@ def measure(args: argparse.Namespace) -> dict:
     setup_distributed(cfg)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     use_te = use_transformer_engine(cfg.model)
-    ours_config = transformer_config_from(cfg, bf16=args.bf16)
-    stock_config = transformer_config_from(cfg, bf16=args.bf16)
+    # The trainer's flags on both sides (training/loop.py builds its config the same way).
+    flags = training_speed_flags(hidden_dropout=cfg.model.hidden_dropout)
+    ours_config = transformer_config_from(cfg, bf16=args.bf16, **flags)
+    stock_config = transformer_config_from(cfg, bf16=args.bf16, **flags)
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak, known_peak = peak_bf16_tflops(device_name)
+    if args.peak_tflops is not None:
+        peak, known_peak = args.peak_tflops, True
     ours = build_gpt_model(cfg, config=ours_config, init_seed=cfg.training.seed)
     stock = stock_gpt_model(cfg, stock_config, use_te)
     n_ours = count_parameters(ours)
@@ -116,19 +133,26 @@ def measure(args: argparse.Namespace) -> dict:
         "seq_length": cfg.model.seq_length,
         "steps": args.steps,
         "flops_per_token": flops,
-        "peak_tflops": args.peak_tflops,
+        "speed_flags": flags,
+        "peak_tflops": peak,
+        "peak_from": "--peak-tflops"
+        if args.peak_tflops is not None
+        else ("device name" if known_peak else "fallback (H100 SXM): device not in the table"),
         "ours_ms": round(med["ours"] * 1e3, 3),
         "stock_ms": round(med["stock"] * 1e3, 3),
         "ratio_ours_over_stock": round(med["ours"] / med["stock"], 4),
     }
     for name in ("ours", "stock"):
-        fields = throughput_fields(tokens, med[name], flops, 1, args.peak_tflops)
+        fields = throughput_fields(tokens, med[name], flops, 1, peak)
         result[f"{name}_tokens_per_s"] = round(fields["tokens_per_second"], 1)
         result[f"{name}_tflops"] = float(f"{fields['tflops_per_gpu']:.4g}")
         result[f"{name}_mfu"] = float(f"{fields['mfu']:.4g}")
+    if args.max_ratio is not None:
+        result["max_ratio"] = args.max_ratio
+        result["ok"] = result["ratio_ours_over_stock"] <= args.max_ratio
     teardown_distributed()
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

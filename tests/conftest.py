@@ -60,11 +60,11 @@ def pytest_collection_modifyitems(config, items):
     if GPU_MODE:
         skip_cpu = pytest.mark.skip(reason="CPU test (MQK_TEST_GPU=1 runs the gpu marker only)")
         for item in items:
-            if "gpu" not in item.keywords:
+            if item.get_closest_marker("gpu") is None:
                 item.add_marker(skip_cpu)
         if torch.cuda.is_available():
             return
     skip = pytest.mark.skip(reason="needs CUDA and MQK_TEST_GPU=1 (marker: gpu)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)

@@ -28,22 +28,22 @@ def _record(model, num_layers: int, tokens: torch.Tensor) -> dict:
 
 def test_te_attention_is_captured_in_bf16(single_rank):
     """The capture seam works on Transformer Engine's core attention; bf16 statistics agree
-    with the same TE model in fp32."""
-    import copy
+    with the same TE model in fp32 (the bf16 twin is built from the same seed: a built model
+    cannot be deep-copied, see tests/gpu_twins.py)."""
+    from gpu_twins import seeded_twins
 
-    from megatron_qk.models.builder import build_gpt_model
     from megatron_qk.models.specs import te_available
 
     assert te_available(), "GPU test environments must provide Transformer Engine (NGC image)"
     cfg = load_config(
         "tiny", ["model.vocab_size=64", "model.vocab_pad_multiple=8", "model.impl=te"]
     )
-    model = build_gpt_model(cfg, init_seed=5).cuda().eval()
+    model, twin = seeded_twins(cfg, seed=5, device="cuda")
     core = model.decoder.layers[0].self_attention.core_attention
     assert type(core).__name__.startswith("QKCapturingTE"), type(core).__name__
     tokens = torch.randint(0, 64, (2, 64), device="cuda")
     fp32 = _record(model, cfg.model.num_layers, tokens)
-    bf16 = _record(copy.deepcopy(model).to(torch.bfloat16), cfg.model.num_layers, tokens)
+    bf16 = _record(twin.to(torch.bfloat16), cfg.model.num_layers, tokens)
     for key in ("lower_copy", "upper_entropy", "lower_entropy", "upper_logit", "upper_qk_sigma"):
         assert math.isfinite(bf16[key]), key
         assert bf16[key] == pytest.approx(fp32[key], rel=0.05), key

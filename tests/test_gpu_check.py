@@ -12,6 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))  # benchmarks
 
 import gpu_check  # noqa: E402
 
@@ -24,19 +25,44 @@ def test_suite_runs_on_the_cpu_even_on_a_gpu_host():
 
 
 def test_driver_dry_run_runs_every_check(tmp_path):
+    """Every check on the CPU; the step-time target is set unreachable, so its failing branch
+    runs too: the driver must report exactly that check and exit 1."""
     out = tmp_path / "driver.json"
-    rc = gpu_check.main(["--dry-run", "--preset", "tiny", "--out", str(out)])
+    argv = ["--dry-run", "--preset", "tiny", "--max-step-ratio", "1e-6", "--out", str(out)]
+    rc = gpu_check.main(argv)
     results = {r["check"]: r for r in json.loads(out.read_text())}
     assert set(results) == set(gpu_check.CHECKS)
     errors = {k: r.get("error") for k, r in results.items() if r["ok"] is False}
-    assert rc == 0 and not errors, errors
+    assert rc == 1 and set(errors) == {"step_time"} and errors["step_time"] is None, errors
     assert results["cuda1"]["ok"] is None and results["cuda1"]["skipped"]
-    # Same weights, same (local) kernels on both sides in the dry run: identical losses.
-    assert results["te_vs_local"]["max_rel_diff"] == 0.0
-    assert results["te_vs_local"]["tensors_copied"] > 10
+    # Same weights, same (local) kernels on both sides in the dry run: identical outputs per
+    # layer, after the weights were moved away from their initialisation.
+    te_vs_local = results["te_vs_local"]
+    assert te_vs_local["tensors_copied"] > 10 and te_vs_local["tensors_moved"] > 10
+    assert set(te_vs_local["rel_diff"]) == {0.0} and te_vs_local["ok"] is True
+    assert te_vs_local["negative_control"]["failed_as_it_must"] is True
     assert results["checkpoint_round_trip"]["max_rel_logit_diff"] == 0.0
     step = results["step_time"]
     assert step["ours_mfu"] > 0 and step["stock_mfu"] > 0 and step["ratio_ours_over_stock"] > 0
+    assert step["max_ratio"] == 1e-6 and step["ok"] is False
+    resume = results["resume"]
+    assert resume["preempt"]["first_rc"] == 75 and resume["preempt"]["ok"] is True, resume
+    assert resume["tp2_sp_skipped"]
+
+
+def test_resume_judge_fails_each_kind_of_difference():
+    """benchmarks/resume_equality.py --enforce: the failing branches on made-up results."""
+    from benchmarks.resume_equality import judge, layout_tolerance
+
+    good = {"first_rc": 75, "resume_rc": 0, "same_lines": True, "max_rel_diff": 0.0}
+    assert judge("preempt", good, noise=0.0)["ok"] is True
+    assert "exit codes" in judge("preempt", {**good, "first_rc": 0}, 0.0)["why"]
+    assert "lines" in judge("preempt", {**good, "same_lines": False}, 0.0)["why"]
+    assert "max_rel_diff" in judge("preempt", {**good, "max_rel_diff": 1e-7}, 0.0)["why"]
+    assert judge("preempt", {**good, "max_rel_diff": 1e-7}, noise=1e-7)["ok"] is True
+    tp = {**good, "first_rc": 0, "max_rel_diff": layout_tolerance() / 2}
+    assert judge("tp2_sp", tp, 0.0)["ok"] is True
+    assert judge("tp2_sp", {**tp, "max_rel_diff": 2 * layout_tolerance()}, 0.0)["ok"] is False
 
 
 def test_merge_reports_missing_and_broken_outputs(tmp_path):

@@ -83,7 +83,7 @@ def _cfg(*overrides):
 
 def _build(cfg, use_te: bool, monkeypatch, init_seed: int = 0):
     with monkeypatch.context() as m:
-        m.setattr(builder, "use_transformer_engine", lambda model_cfg: use_te)
+        m.setattr(builder, "use_transformer_engine", lambda model_cfg, cuda=None: use_te)
         return builder.build_gpt_model(cfg, init_seed=init_seed)
 
 
@@ -153,7 +153,7 @@ def test_canonical_load_refuses_missing_parameters(single_rank, monkeypatch):
 
 def test_meta_build_never_runs_the_te_cpu_initialisation(single_rank, monkeypatch):
     """TE under use_cpu_initialization copies a meta master weight (fails): meta is local."""
-    monkeypatch.setattr(builder, "use_transformer_engine", lambda model_cfg: True)
+    monkeypatch.setattr(builder, "use_transformer_engine", lambda model_cfg, cuda=None: True)
     model = builder.build_gpt_model(_cfg(), meta_device=True)
     assert all(p.is_meta for p in model.parameters())
     assert not isinstance(model.decoder.layers[0].mlp.linear_fc1, CPULayerNormColumnParallelLinear)

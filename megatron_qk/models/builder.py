@@ -7,7 +7,12 @@ import contextlib
 import torch
 
 from megatron_qk.config.schema import ExperimentConfig
-from megatron_qk.models.specs import FFN_TABLE, build_block_spec, use_transformer_engine
+from megatron_qk.models.specs import (
+    FFN_TABLE,
+    build_block_spec,
+    target_is_cuda,
+    use_transformer_engine,
+)
 
 
 def padded_vocab_size(cfg: ExperimentConfig) -> int:
@@ -19,15 +24,23 @@ def padded_vocab_size(cfg: ExperimentConfig) -> int:
 def transformer_config_from(cfg: ExperimentConfig, bf16: bool = False, **overrides):
     """Megatron ``TransformerConfig`` for the recipe's model and parallel layout.
 
-    Weights are always initialised on the CPU (layout-independent, reproducible); on CPU the
-    fused kernels (which need CUDA or torch.compile) are off. ``bias_activation_fusion`` follows
-    the recipe so compared arms use the same GELU approximation.
+    Weights are initialised as full master weights sliced per TP rank (layout-independent,
+    reproducible), on the device the model is built for (:func:`build_gpt_model`). Every fused
+    kernel is off: a model built for evaluation or analysis computes the reference function
+    with no torch.compile on its first step (``bias_dropout_fusion`` compiles a train and an
+    inference function in every process); the trainer turns on what pays for itself on its
+    device (``models/speed.py``). ``bias_activation_fusion`` follows the recipe so compared arms
+    use the same GELU approximation.
+
+    Args:
+        cfg: the recipe.
+        bf16: bf16 parameters (fp32 otherwise).
+        overrides: ``TransformerConfig`` fields set last.
     """
     from megatron.core.transformer import TransformerConfig
 
     m, p = cfg.model, cfg.parallel
     gated, activation = FFN_TABLE[m.ffn]
-    on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
     kwargs = dict(
         num_layers=m.num_layers,
@@ -51,14 +64,16 @@ def transformer_config_from(cfg: ExperimentConfig, bf16: bool = False, **overrid
         bf16=bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
-        # Always initialise on the CPU: the per-layer seeds (specs.LayerSeededTransformerLayer)
-        # drive torch's global RNG, which only the CPU path uses; Megatron's GPU path draws from
-        # the model-parallel RNG tracker (seeded per TP rank), so a GPU-initialised model would
-        # depend on the layout and could not be rebuilt by `diagnose` for the displacement.
+        # Megatron's "CPU initialisation" path: one full master weight per tensor, drawn from
+        # torch's default generator (which the per-layer seeds of
+        # specs.LayerSeededTransformerLayer drive), the TP shard sliced from it. Its GPU path
+        # draws each shard from the model-parallel RNG tracker (seeded per TP rank): the model
+        # would depend on the layout and could not be rebuilt by `diagnose` for the
+        # displacement. build_gpt_model runs this path on the target device (GPU draws there).
         use_cpu_initialization=True,
         bias_activation_fusion=m.bias_activation_fusion,
         masked_softmax_fusion=False,
-        bias_dropout_fusion=on_gpu,
+        bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
@@ -75,6 +90,7 @@ def build_gpt_model(
     vp_stage: int | None = None,
     meta_device: bool = False,
     init_seed: int | None = None,
+    device: torch.device | str | None = None,
 ):
     """Build this pipeline stage's ``GPTModel`` (RoPE, tied embeddings per the recipe).
 
@@ -88,6 +104,9 @@ def build_gpt_model(
             parameter counting of large presets).
         init_seed: seed each layer's initial weights by its global layer number, so every
             TP/PP layout builds the same model (the trainer passes ``training.seed``).
+        device: the device the model will run on; norms and the TE/local choice follow it
+            (default: CUDA when this host has it). A CPU model on a GPU host gets no CUDA-only
+            kernel.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -103,9 +122,23 @@ def build_gpt_model(
     # Meta-device builds use the local spec: TE modules under use_cpu_initialization copy a
     # master weight into their own (transformer_engine.py:853, tensor_parallel/layers.py:189),
     # which fails from meta. The parameter count does not depend on the implementation.
-    use_te = use_transformer_engine(cfg.model) and not meta_device
-    block = build_block_spec(cfg.model, config, use_te, vp_stage=vp_stage, init_seed=init_seed)
-    ctx = torch.device("meta") if meta_device else contextlib.nullcontext()
+    cuda = target_is_cuda(None if device is None else torch.device(device).type == "cuda")
+    use_te = use_transformer_engine(cfg.model, cuda) and not meta_device
+    block = build_block_spec(
+        cfg.model, config, use_te, vp_stage=vp_stage, init_seed=init_seed, cuda=cuda
+    )
+    if meta_device:
+        ctx = torch.device("meta")
+    elif cuda:
+        # Initialise where the model will run: Megatron's CPU-initialisation path (one full
+        # master weight per tensor, per-layer seeds, the TP shard sliced from it) allocates with
+        # the default device, so under this context every master weight is drawn on the GPU
+        # by the CUDA generator that LayerSeededTransformerLayer's torch.manual_seed also
+        # seeds: still the same model for every TP/PP layout, no host draws (docs/TRAPS.md,
+        # "Initial weights depend on the device").
+        ctx = torch.device("cuda", torch.cuda.current_device())
+    else:
+        ctx = contextlib.nullcontext()
     with ctx:
         model = GPTModel(
             config=config,

@@ -22,6 +22,30 @@ from megatron_qk.config.model import ModelConfig
 #: NVIDIA H100 SXM / H200 SXM dense BF16 tensor-core peak (no sparsity), TFLOP/s.
 H100_BF16_DENSE_TFLOPS = 989.0
 
+#: Dense BF16 tensor-core peak per GPU in TFLOP/s by a marker in ``torch.cuda.get_device_name()``,
+#: most specific first: NVIDIA's datasheet figures "with sparsity" halved (H100 SXM and H200
+#: 1979 -> 989, H100 PCIe 1513 -> 756, H100 NVL and H200 NVL 1671 -> 835). The SXM parts report
+#: no form factor ("NVIDIA H100 80GB HBM3", "NVIDIA H200"), so they match the bare name.
+PEAK_BF16_TFLOPS_BY_NAME: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
+    ("H100", H100_BF16_DENSE_TFLOPS),
+    ("H200", H100_BF16_DENSE_TFLOPS),
+)
+
+
+def peak_bf16_tflops(device_name: str) -> tuple[float, bool]:
+    """Dense bf16 peak of the GPU called ``device_name`` and whether the name was recognised.
+
+    An unknown device falls back to the H100 SXM figure (989) with ``False``, so a caller can
+    say that its MFU is relative to that figure rather than to the device's own peak.
+    """
+    for marker, tflops in PEAK_BF16_TFLOPS_BY_NAME:
+        if marker.lower() in device_name.lower():
+            return tflops, True
+    return H100_BF16_DENSE_TFLOPS, False
+
 
 def flops_per_token(model: ModelConfig, padded_vocab_size: int) -> int:
     """Training FLOPs (forward + backward) per token of ``model``."""

@@ -36,19 +36,33 @@ def te_available() -> bool:
     return True
 
 
-def use_transformer_engine(model_cfg: ModelConfig) -> bool:
+def target_is_cuda(cuda: bool | None) -> bool:
+    """Whether the model will run on CUDA: ``cuda`` when given, else whether this host has it.
+
+    Kernels are chosen for the device a model runs on, not for what the host has installed: a
+    CPU-side model on a GPU host (``eval --device cpu``, a checkpoint round trip) must get no
+    CUDA-only kernel (apex ``FusedLayerNorm``, Transformer Engine modules).
+    """
+    return torch.cuda.is_available() if cuda is None else cuda
+
+
+def use_transformer_engine(model_cfg: ModelConfig, cuda: bool | None = None) -> bool:
     """Resolve ``model.impl`` to TE (True) or the local spec (False).
 
+    Args:
+        model_cfg: the recipe's model section.
+        cuda: whether the model will run on CUDA (default: whether this host has CUDA).
+
     Raises:
-        ValueError: ``impl: te`` where Transformer Engine or CUDA is missing.
+        ValueError: ``impl: te`` where Transformer Engine or a CUDA target is missing.
     """
     if model_cfg.impl == "local":
         return False
-    usable = te_available() and torch.cuda.is_available()
+    usable = te_available() and target_is_cuda(cuda)
     if model_cfg.impl == "te" and not usable:
         raise ValueError(
-            "model.impl: te needs Transformer Engine and CUDA (use the NGC image, "
-            "docker/Dockerfile); use impl: auto or local here"
+            "model.impl: te needs Transformer Engine and a CUDA device to run on (use the NGC "
+            "image, docker/Dockerfile); use impl: auto or local here"
         )
     return usable
 
@@ -67,11 +81,13 @@ def te_spec_provider():
     return TESpecProvider()
 
 
-def build_layer_spec(model_cfg: ModelConfig, use_te: bool):
+def build_layer_spec(model_cfg: ModelConfig, use_te: bool, cuda: bool | None = None):
     """Transformer layer spec for ``model_cfg`` on the local or TE backend.
 
     The TE spec takes no ``normalization`` argument: TE modules read LayerNorm vs RMSNorm from
-    ``TransformerConfig.normalization`` (the builder sets it from the recipe).
+    ``TransformerConfig.normalization`` (the builder sets it from the recipe). The local spec
+    takes apex's ``FusedLayerNorm`` wherever apex imports; for a model that will not run on CUDA
+    (``cuda`` false, default: whether this host has CUDA) its norms are torch's.
     """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -85,6 +101,11 @@ def build_layer_spec(model_cfg: ModelConfig, use_te: bool):
         norm = "RMSNorm" if model_cfg.normalization == "rmsnorm" else "LayerNorm"
         spec = get_gpt_layer_local_spec(normalization=norm)
     spec = copy.deepcopy(spec)
+    if not use_te and not target_is_cuda(cuda):
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        spec.submodules.input_layernorm = WrappedTorchNorm
+        spec.submodules.pre_mlp_layernorm = WrappedTorchNorm
     attention = spec.submodules.self_attention.submodules
     # Post-RoPE Q/K reach the diagnostics and the entropy floor through core attention.
     core = attention.core_attention
@@ -105,11 +126,12 @@ def build_layer_spec(model_cfg: ModelConfig, use_te: bool):
     return spec
 
 
-def final_norm_class(model_cfg: ModelConfig, use_te: bool):
+def final_norm_class(model_cfg: ModelConfig, use_te: bool, cuda: bool | None = None):
     """The final norm of the decoder block.
 
     Megatron picks TE, else apex ``FusedLayerNorm``, else torch for the final norm regardless of
-    ``normalization``; apex's FusedLayerNorm rejects RMSNorm, so the choice is made here.
+    ``normalization``; apex's FusedLayerNorm rejects RMSNorm and needs CUDA tensors, so the
+    choice is made here, for the device the model runs on (``cuda``, see :func:`target_is_cuda`).
     """
     if use_te:
         return te_spec_provider().layer_norm()
@@ -119,7 +141,7 @@ def final_norm_class(model_cfg: ModelConfig, use_te: bool):
         try:
             from megatron.core.fusions.fused_layer_norm import HAVE_FUSED_LAYER_NORM, FusedLayerNorm
 
-            if HAVE_FUSED_LAYER_NORM and torch.cuda.is_available():
+            if HAVE_FUSED_LAYER_NORM and target_is_cuda(cuda):
                 return FusedLayerNorm
         except ImportError:
             pass
@@ -151,25 +173,31 @@ def _layer_seeded_class():
 
 
 def build_block_spec(
-    model_cfg: ModelConfig, tf_config, use_te: bool, vp_stage=None, init_seed: int | None = None
+    model_cfg: ModelConfig,
+    tf_config,
+    use_te: bool,
+    vp_stage=None,
+    init_seed: int | None = None,
+    cuda: bool | None = None,
 ):
     """``TransformerBlockSubmodules`` for this pipeline stage with an explicit final norm.
 
     Args:
         init_seed: when given, each layer draws its initial weights from a seed of its global
             layer number, so every TP/PP layout starts from the same model.
+        cuda: whether the model will run on CUDA (default: whether this host has CUDA).
     """
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
 
-    layer = build_layer_spec(model_cfg, use_te)
+    layer = build_layer_spec(model_cfg, use_te, cuda)
     if init_seed is not None:
         layer = copy.copy(layer)
         layer.module = _layer_seeded_class()
         layer.params = {**(layer.params or {}), "init_seed": init_seed}
     num_layers = get_num_layers_to_build(tf_config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
-        layer_specs=[layer] * num_layers, layer_norm=final_norm_class(model_cfg, use_te)
+        layer_specs=[layer] * num_layers, layer_norm=final_norm_class(model_cfg, use_te, cuda)
     )

@@ -19,7 +19,7 @@ from megatron_qk.models.specs import te_available
 CUDA_DEVICE_MAX_CONNECTIONS = "1"
 
 
-def training_speed_flags(cuda: bool | None = None) -> dict[str, bool]:
+def training_speed_flags(cuda: bool | None = None, hidden_dropout: float = 0.0) -> dict[str, bool]:
     """``TransformerConfig`` overrides for training on this host.
 
     * ``gradient_accumulation_fusion``: the weight-gradient GEMM accumulates straight into DDP's
@@ -27,9 +27,14 @@ def training_speed_flags(cuda: bool | None = None) -> dict[str, bool]:
       ``ColumnParallelLinear`` requires at construction, and the DDP wrapper the trainer uses).
     * ``apply_rope_fusion``: Transformer Engine's fused RoPE kernel (Q/K reach the probes after
       RoPE either way: capture sits in core attention).
+    * ``bias_dropout_fusion`` only with dropout (``hidden_dropout > 0``): Megatron compiles the
+      fused bias-dropout-add with ``torch.compile``, once for training and once for evaluation,
+      in every process, on its first step. Without dropout the function is two additions,
+      which the compile cannot make meaningfully cheaper.
 
     Args:
         cuda: whether training runs on CUDA (default: ``torch.cuda.is_available()``).
+        hidden_dropout: the recipe's ``model.hidden_dropout``.
     """
     if cuda is None:
         cuda = torch.cuda.is_available()
@@ -40,6 +45,8 @@ def training_speed_flags(cuda: bool | None = None) -> dict[str, bool]:
         flags["gradient_accumulation_fusion"] = True
     if te_available():
         flags["apply_rope_fusion"] = True
+    if hidden_dropout > 0:
+        flags["bias_dropout_fusion"] = True
     return flags
 
 

@@ -17,6 +17,7 @@ import torch
 
 from megatron_qk.compat import activate_cpu_compat
 from megatron_qk.config.schema import ExperimentConfig
+from megatron_qk.models.speed import set_cuda_device_max_connections
 
 
 @dataclass
@@ -77,8 +78,13 @@ def setup_distributed(cfg: ExperimentConfig) -> ParallelInfo:
     if backend == "nccl" and not use_cuda:
         raise RuntimeError("parallel.backend: nccl needs CUDA; use gloo or auto on CPU")
     activate_cpu_compat()
+    device = torch.device("cpu")
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # Read when the CUDA context is created (by set_device below): torchrun's workers
+        # inherit it from `megatron-qk train`, a single process sets it here itself.
+        set_cuda_device_max_connections()
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     launched_by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
     if world_size == 1 and not torch.distributed.is_initialized() and not launched_by_torchrun:
         # A one-process group on a fresh loopback port: a stale MASTER_PORT left by an earlier
@@ -88,10 +94,13 @@ def setup_distributed(cfg: ExperimentConfig) -> ParallelInfo:
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1"
         )
     if not torch.distributed.is_initialized():
+        # NCCL with a device_id binds each rank's communicator to its GPU eagerly, instead of
+        # guessing the device at the first collective (and warning that it may hang).
         torch.distributed.init_process_group(
             backend=backend,
             rank=int(os.environ.get("RANK", "0")),
             world_size=world_size,
+            device_id=device if backend == "nccl" else None,
         )
     p = cfg.parallel
     if parallel_state.model_parallel_is_initialized():

@@ -75,7 +75,9 @@ class Trainer:
         self.bf16 = cfg.training.precision == "bf16" or (
             cfg.training.precision == "auto" and torch.cuda.is_available()
         )
-        self.tf_config = transformer_config_from(cfg, bf16=self.bf16, **training_speed_flags())
+        self.tf_config = transformer_config_from(
+            cfg, bf16=self.bf16, **training_speed_flags(hidden_dropout=cfg.model.hidden_dropout)
+        )
         model = build_gpt_model(cfg, config=self.tf_config, init_seed=cfg.training.seed)
         annotate_param_roles(model)
         if torch.cuda.is_available():

@@ -61,7 +61,7 @@ def build_initial_model(cfg: ExperimentConfig, device: torch.device) -> torch.nn
     from megatron_qk.models.builder import build_gpt_model, transformer_config_from
 
     config = transformer_config_from(cfg)
-    model = build_gpt_model(cfg, config=config, init_seed=cfg.training.seed)
+    model = build_gpt_model(cfg, config=config, init_seed=cfg.training.seed, device=device)
     return model.to(device).eval()
 
 

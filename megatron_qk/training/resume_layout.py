@@ -130,16 +130,26 @@ def prepare_optimizer_for_load(optimizer) -> None:
     A distributed optimizer builds its state dict from the inner optimizer's state, and without
     Apex/Transformer Engine (the CPU path) it reads each parameter's ``step``, which
     ``torch.optim.AdamW`` only creates at its first update: loading into a freshly built one
-    fails. Zero moments and step 0 are created here; the load then overwrites all of them.
+    fails. Zero moments (and, on that path only, step 0) are created here; the load then
+    overwrites all of them.
+
+    With Apex or Transformer Engine installed the inner optimizer is their ``FusedAdam``, which
+    keeps ``step`` per parameter *group*, never per parameter: its ``state_dict`` converts every
+    per-parameter state entry through a map from state name to dtype that knows only
+    ``exp_avg``, ``exp_avg_sq`` and ``master_param`` (TE ``optimizers/fused_adam.py``,
+    ``get_unscaled_state``), so a per-parameter ``step`` raises ``KeyError: 'step'``. The guard
+    is the one :func:`load_optimizer_state` uses: Megatron's own ``HAVE_APEX_OR_TE``.
     """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer import distrib_optimizer as dopt
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         # The other optimizers initialise their state themselves when asked for a load.
-        if not isinstance(opt, DistributedOptimizer) or opt.init_state_fn is None:
+        if not isinstance(opt, dopt.DistributedOptimizer) or opt.init_state_fn is None:
             continue
         inner = opt.optimizer
         opt.init_state_fn(inner, opt.config)
+        if dopt.HAVE_APEX_OR_TE:
+            continue  # FusedAdam: step lives in the param groups (see above)
         for group in inner.param_groups:
             for p in group["params"]:
                 state = inner.state[p]

@@ -20,6 +20,7 @@ A refused file raises :class:`UnsafeCheckpointError` naming it; nothing from it 
 
 from __future__ import annotations
 
+import importlib
 import io
 import pickle
 from pathlib import Path
@@ -36,13 +37,27 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint file holds something other than plain data (or is not a checkpoint file)."""
 
 
+def _numpy_multiarray():
+    """numpy's ``multiarray`` module, imported explicitly.
+
+    ``import numpy`` does not import the ``numpy._core`` subpackage under numpy 1.26 (1.26.4
+    ships it as a stub for reading numpy 2 pickles; earlier 1.26 releases lack it), so the
+    attribute ``np._core`` does not exist there; ``numpy.core`` is its 1.x name (deprecated, with
+    a warning, under numpy 2, hence tried second).
+    """
+    try:
+        return importlib.import_module("numpy._core.multiarray")
+    except ImportError:
+        return importlib.import_module("numpy.core.multiarray")
+
+
 def _numpy_rng_globals() -> list[Any]:
     """The numpy globals a pickled ``np.random.get_state()`` tuple needs, under both spellings.
 
     numpy >= 2 pickles arrays through ``numpy._core.multiarray._reconstruct``; files written under
     numpy 1.x name ``numpy.core.multiarray._reconstruct`` for the same function.
     """
-    reconstruct = np._core.multiarray._reconstruct  # noqa: SLF001 - what numpy pickles by name
+    reconstruct = _numpy_multiarray()._reconstruct  # noqa: SLF001 - what numpy pickles by name
     return [
         (reconstruct, "numpy._core.multiarray._reconstruct"),
         (reconstruct, "numpy.core.multiarray._reconstruct"),
