@@ -219,7 +219,14 @@ def _final_loss(final: dict | None) -> Signature:
         f"step {i['step']} (intervention vs control), difference {diff['loss']:+.4f} ± "
         f"{diff['se']:.4f}"
     )
-    return Signature(name, judge(-diff["loss"], diff["se"]), numbers, yardstick)
+    verdict = judge(-diff["loss"], diff["se"])
+    if verdict != NOISE and abs(diff["loss"]) <= Z_NOISE * SEED_SD_FINAL_LOSS_DIFF:
+        # Beyond this evaluation's noise is not beyond a second seed's: say so next to the verdict.
+        numbers += (
+            f"; beyond this run's sampling noise but inside {Z_NOISE:g} seed-to-seed sds "
+            f"({Z_NOISE * SEED_SD_FINAL_LOSS_DIFF:.3f} nats), so another seed could reverse it"
+        )
+    return Signature(name, verdict, numbers, yardstick)
 
 
 def signatures(

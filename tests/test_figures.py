@@ -47,7 +47,7 @@ def test_every_panel_has_units_legends_and_the_release(runs):
         "lower_copy": "attention mass",
         "upper_entropy": "1 = uniform",
         "upper_logit": "√d_head",
-        "qk_sigma": "σ₁",
+        "qk_sigma": "sigma_1(W_Q^T W_K)",
         "ablation": "± SE",
         "val_loss": "nats / token",
     }

@@ -16,7 +16,7 @@ Y_LABELS = {
     "lower_copy": "copy score (attention mass on the\nprevious occurrence, in [0, 1])",
     "upper_entropy": "normalised entropy\n(H / log #keys; 1 = uniform)",
     "upper_logit": "logit RMS (scaled q·k / √d_head)",
-    "qk_sigma": "σ₁(W_Qᵀ W_K), mean over upper heads",
+    "qk_sigma": r"$\sigma_1(W_Q^T W_K)$, mean over upper heads",
     "ablation": "Δ perplexity (ppl) ± SE\nover held-out sequences",
     "val_loss": "validation loss (nats / token)",
 }
