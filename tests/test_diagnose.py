@@ -219,6 +219,29 @@ def test_ablation_reads_batches_until_the_standard_error_target(tiny_model):
     assert full["base_loss"] != loose["base_loss"]  # the first batch alone is another sample
 
 
+def test_ablation_runs_only_the_ablations_asked_for(tiny_model):
+    """The quickstart runs the both-zeroed ablation alone: the same numbers as in the full
+    readout, no ``q``/``k`` entries; an unknown name is refused."""
+    from megatron_qk.diagnostics.ablation import upper_qk_ablation
+    from megatron_qk.diagnostics.recorder import AttentionRecorder
+
+    _, model = tiny_model
+    tokens = torch.randint(0, 64, (3, 65), generator=torch.Generator().manual_seed(6))
+    batch = {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "loss_mask": torch.ones(3, 64),
+        "position_ids": torch.arange(64).expand(3, -1),
+    }
+    recorder = AttentionRecorder([model], 4)
+    full = upper_qk_ablation(model, recorder, [batch])
+    only = upper_qk_ablation(model, recorder, [batch], ablations=("qk",))
+    assert "q" not in only and "k" not in only
+    assert only["qk"] == pytest.approx(full["qk"]) and only["base_loss"] == full["base_loss"]
+    with pytest.raises(ValueError, match="subset"):
+        upper_qk_ablation(model, recorder, [batch], ablations=("v",))
+
+
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):

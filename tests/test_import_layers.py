@@ -25,6 +25,7 @@ LAYERS = {
     "evaluation": 7,
     "export": 7,
     "quickstart": 8,
+    "quickstart_eval": 8,
     "quickstart_report": 8,
     "quickstart_summary": 8,
     "cli": 9,

@@ -48,6 +48,11 @@ def test_quickstart_writes_the_report(quickstart_out):
         assert "world_size: 2" in meta  # two training processes
         diag = json.loads((run_dir / "diagnose.json").read_text())
         assert [r["step"] for r in diag["results"]] == [12]  # save_interval 20 > 12 steps
+        ablation = diag["results"][0]["ablation"]
+        # 64 validation sequences, and only the both-zeroed ablation (Q, K, both: all logits 0).
+        assert ablation["sequences"] == 64 and ablation["tokens"] == 64 * 128
+        assert "qk" in ablation and "q" not in ablation and "k" not in ablation
+        assert ablation["target_met"] in (True, False)
     release = json.loads((runs["intervention"] / "summary.json").read_text())["release"]
     # 12 steps, evaluations every 5: the one in-window evaluation (step 5 of [3%, 75%]) is far
     # below 1.3x chance, so the release is forced when the window closes, at step 9 (75%).
@@ -62,10 +67,22 @@ def test_quickstart_writes_the_report(quickstart_out):
     first = diags[0]
     assert first["step"] == 0 and first["lower_copy_uniform"] > 0.005
     assert first["maturity_score"] == first["lower_copy"] / first["lower_copy_uniform"] < 1.3
+    # Both final checkpoints scored on the same sequences: the whole validation split.
+    final = json.loads((out / "final_eval.json").read_text())["scores"]
+    assert final["control"]["counts"] == final["intervention"]["counts"]
+    whole = len(final["control"]["counts"])
+    assert whole > 64 and set(final["control"]["counts"]) == {128.0}
     report = (out / "report.md").read_text()
-    assert report.startswith("# megatron-qk quickstart report\n\n## Summary: which of the paper")
-    assert "**did not appear**: a real maturity release" in report  # forced, and said so
+    assert report.startswith("# megatron-qk quickstart report\n\n> **Not the paper's results.**")
+    assert "## Summary: the paper's signatures in this run, each against a yardstick" in report
+    assert "**absent**: a real maturity release" in report  # forced, and said so
+    assert report.count("*Yardstick:*") == 5
+    assert f"all {whole} sequences ({whole * 128:,} tokens) of the validation split" in report
+    assert "| control | 12 (1.00) | 64 (8,192) |" in report
+    assert "the three ablations are one measurement" in report
     for heading in (
+        "## Final loss on the whole validation split",
+        "## Sample sizes",
         "## Paired comparison",
         "## Release",
         "## Mechanism readouts at ~3% of training",
@@ -78,7 +95,8 @@ def test_quickstart_writes_the_report(quickstart_out):
     assert "agrees with the run" in report
     compare = json.loads((out / "compare.json").read_text())
     assert set(compare["arms"]) == {"control", "intervention"}
-    for png in ("figure3", "panel_lower_copy", "panel_upper_entropy", "panel_ablation"):
+    for png in ("figure3", "panel_lower_copy", "panel_upper_entropy", "panel_ablation",
+                "panel_val_loss"):  # fmt: skip
         image = imread(out / "figures" / f"{png}.png")
         assert image.shape[0] > 200 and image[..., :3].std() > 0.01
 
@@ -86,11 +104,12 @@ def test_quickstart_writes_the_report(quickstart_out):
 def test_quickstart_rerun_reuses_every_stage(quickstart_out):
     out, _ = quickstart_out
     runs = out / "runs"
-    before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
+    files = [out / "final_eval.json", *(p for p in runs.rglob("*") if p.is_file())]
+    before = {p: p.stat().st_mtime_ns for p in files}
     proc = _quickstart(out, 12)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    after = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
-    assert after == before  # no run, checkpoint or diagnose file was rewritten
+    after = {p: p.stat().st_mtime_ns for p in files}
+    assert after == before  # no run, checkpoint, diagnose or final-evaluation file was rewritten
     assert "train.sh" not in proc.stdout and "val_loss" not in proc.stderr
     other = _quickstart(out, 14)  # a finished directory is not silently reused for other steps
     assert other.returncode != 0 and "finished with 12 steps, not --steps 14" in other.stderr

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_qk.diagnostics.ablation import upper_qk_ablation
+from megatron_qk.diagnostics.ablation import ABLATIONS, upper_qk_ablation
 from megatron_qk.diagnostics.locality import locality_diagnostic
 from megatron_qk.diagnostics.recorder import AttentionRecorder
 from megatron_qk.rundir.atomic import write_text_atomic
@@ -108,6 +108,7 @@ def diagnose_checkpoint(
     ablation_batches=None,
     ablation_target_se: float | None = None,
     ablation_min_sequences: int = 0,
+    ablations: tuple[str, ...] = ABLATIONS,
 ) -> dict:
     """Probes, ablation and locality of one loaded checkpoint.
 
@@ -118,6 +119,7 @@ def diagnose_checkpoint(
         locality_rank: rank of the immature subspace (None: the head dimension).
         ablation_batches: held-out batches of the ablation (default: ``batches``), read until
             ``ablation_target_se`` is met (see :func:`upper_qk_ablation`).
+        ablations: which upper Q/K ablations to run (``q``, ``k``, ``qk``).
     """
     cfg, model = loaded.cfg, loaded.model
     with torch.no_grad(), recorder.statistics():
@@ -140,6 +142,7 @@ def diagnose_checkpoint(
             batches if ablation_batches is None else ablation_batches,
             ablation_target_se,
             ablation_min_sequences,
+            ablations,
         ),
         "locality": locality_diagnostic(model, batches, cfg.model.num_layers, locality_rank),
     }
@@ -172,6 +175,7 @@ def diagnose_checkpoints(
     ablation_sequences: int = 0,
     ablation_min_sequences: int = 0,
     ablation_target_se: float | None = None,
+    ablations: tuple[str, ...] = ABLATIONS,
 ) -> list[dict]:
     """Diagnose checkpoints of one run, merging each result into ``out`` as soon as it is done.
 
@@ -181,7 +185,7 @@ def diagnose_checkpoints(
     Args:
         skip_done: leave out checkpoints whose step ``out`` already holds.
         ablation_sequences: most held-out sequences of the ablation (0: the probes' batches).
-        ablation_min_sequences, ablation_target_se: see :func:`upper_qk_ablation`.
+        ablation_min_sequences, ablation_target_se, ablations: see :func:`upper_qk_ablation`.
         echo: called with one summary line per checkpoint (None: silent).
 
     Raises:
@@ -212,6 +216,7 @@ def diagnose_checkpoints(
             ablation_batches,
             ablation_target_se,
             ablation_min_sequences,
+            ablations,
         )
         results.append(result)
         merge_results(out, run_dir, [result])  # keep what is done if interrupted

@@ -1,17 +1,21 @@
 """Figure-3-style mechanism panels as PNG (``megatron-qk plot RUN_DIR [...] --out DIR``).
 
-Panels (x axis: fraction of planned training; runs overlaid, colour by arm, line style by seed):
+Panels (runs overlaid, colour by arm, line style by seed; the drawing is in
+:mod:`megatron_qk.analysis.plot_panels`):
 
-* ``lower_copy``: lower-half copy-routing score, the maturity threshold, and each run's release
-  point (from its ``release`` lines) marked.
+* ``lower_copy``: lower-half copy-routing score, its chance level (uniform causal attention on
+  the same positions) and the maturity threshold.
 * ``upper_entropy``: upper-half normalised attention entropy, the sharp-entropy threshold and
-  each run's crossing marked.
+  each run's crossing.
 * ``upper_logit``: upper-half attention logit RMS.
 * ``qk_sigma``: mean top singular value of the upper heads' ``W_Q^T W_K``.
-* ``ablation``: perplexity increase when upper-half Q/K are zeroed, over checkpoints (from
-  ``RUN_DIR/diagnose.json``, written by ``megatron-qk diagnose --all-checkpoints``).
+* ``ablation``: perplexity increase when upper-half Q/K are zeroed, over checkpoints, with its
+  standard error over held-out sequences (from ``RUN_DIR/diagnose.json``, written by
+  ``megatron-qk diagnose --all-checkpoints``).
+* ``val_loss``: validation loss against training tokens (the ``eval`` lines).
 
-Each panel is written as ``panel_<name>.png`` and all together as ``figure3.png``.
+Every panel marks each run's releases (from its ``release`` lines). Each panel is written as
+``panel_<name>.png`` and all together as ``figure3.png``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_qk.analysis.plot_panels import draw_panel, pyplot, run_styles
 from megatron_qk.config.loader import load_resolved_config
 from megatron_qk.rundir.layout import DIAGNOSE_FILE, METRICS_FILE
 from megatron_qk.rundir.runlog import RunLog
@@ -30,8 +35,8 @@ PANELS = {
     "upper_logit": "C. Upper attention logit RMS",
     "qk_sigma": "D. Upper $W_Q^T W_K$ top singular value",
     "ablation": "E. Ppl increase, upper Q/K zeroed",
+    "val_loss": "F. Validation loss",
 }
-_STYLES = ("-", "--", ":", "-.")
 
 
 @dataclass
@@ -42,10 +47,13 @@ class RunCurves:
     arm: str
     seed: int
     diag: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
     releases: list[dict] = field(default_factory=list)
     crossing: dict | None = None
     maturity_threshold: float | None = None
+    maturity_label: str | None = None
     sharp_threshold: float | None = None
+    eval_sequences: int | None = None
     ablation: list[dict] = field(default_factory=list)
 
     @property
@@ -66,10 +74,13 @@ def load_run_curves(path: Path) -> RunCurves:
     cfg = load_resolved_config(log.config_path)
     run = RunCurves(path, cfg.arm, cfg.training.seed)
     run.sharp_threshold = cfg.diagnostics.sharp_entropy_threshold
+    run.eval_sequences = cfg.training.eval_iters * cfg.training.global_batch_size
     maturity = [r for r in cfg.optim.rules if r.release == "maturity"]
     if maturity:
         run.maturity_threshold = maturity[0].threshold
+        run.maturity_label = f"maturity threshold ({maturity[0].threshold:g})"
     run.diag = log.diags
+    run.evals = log.evals
     run.releases = log.releases
     run.crossing = log.event("sharp_entropy_crossing")
     diagnose = path / DIAGNOSE_FILE
@@ -78,62 +89,35 @@ def load_run_curves(path: Path) -> RunCurves:
     if maturity and maturity[0].threshold_mode == "over_uniform":
         # The rule compares lower_copy / lower_copy_uniform with the ratio; on the lower-copy
         # axis that is the ratio times the baseline (fixed held-out positions: one value).
+        ratio = maturity[0].threshold_ratio
         bases = [r["lower_copy_uniform"] for r in run.diag if r.get("lower_copy_uniform")]
-        run.maturity_threshold = maturity[0].threshold_ratio * bases[0] if bases else None
+        run.maturity_threshold = ratio * bases[0] if bases else None
+        run.maturity_label = f"maturity threshold ({ratio:g}x chance)"
     return run
 
 
-def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    for rec in records:
-        value = rec.get(key)
-        if isinstance(value, int | float):
-            xs.append(rec["frac"])
-            ys.append(value)
-    return xs, ys
+def draw_figure(runs: list[RunCurves], names=None, panel_size=(5.0, 3.8)):
+    """One matplotlib figure holding the panels ``names`` (default: all) in a grid.
 
-
-def _draw_panel(ax, name: str, runs: list[RunCurves], colours: dict, styles: dict) -> None:
-    ax.set_title(PANELS[name], fontsize=10)
-    ax.set_xlabel("fraction of training")
-    ax.grid(alpha=0.3)
-    drew = False
-    for run in runs:
-        colour, style = colours[run.arm], styles[run.seed]
-        if name == "ablation":
-            xs = [r["frac"] for r in run.ablation]
-            ys = [r["ablation"]["qk"]["ppl_increase"] for r in run.ablation]
-        elif name == "qk_sigma":
-            xs, ys = _series(run.diag, "upper_qk_sigma")
-        else:
-            xs, ys = _series(run.diag, name)
-        if not xs:
-            continue
-        drew = True
-        ax.plot(xs, ys, style, color=colour, marker=".", label=run.label)
-        if name == "lower_copy":
-            for rel in run.releases:
-                ax.axvline(rel["frac"], color=colour, linestyle=style, alpha=0.6)
-                ax.annotate(f"release ({rel['reason']})", (rel["frac"], max(ys)), fontsize=7)
-            if run.maturity_threshold is not None:
-                ax.axhline(run.maturity_threshold, color="grey", linestyle=":", linewidth=1)
-        if name == "upper_entropy":
-            if run.sharp_threshold is not None:
-                ax.axhline(run.sharp_threshold, color="grey", linestyle=":", linewidth=1)
-            if run.crossing is not None:
-                ax.plot(
-                    run.crossing["frac"], run.crossing["upper_entropy"], "x", color=colour, ms=9
-                )
-    if not drew:
-        hint = (
-            "run `megatron-qk diagnose --checkpoint RUN_DIR --all-checkpoints`"
-            if name == "ablation"
-            else "no diag lines (diagnostics.enabled: false?)"
-        )
-        ax.text(0.5, 0.5, f"no data:\n{hint}", ha="center", va="center", fontsize=8,
-                transform=ax.transAxes)  # fmt: skip
-    else:
-        ax.legend(fontsize=7)
+    Returns:
+        ``(figure, {panel name: axes})``; the caller saves and closes the figure.
+    """
+    plt = pyplot()
+    names = list(PANELS if names is None else names)
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(panel_size[0] * cols, panel_size[1] * rows), squeeze=False
+    )
+    styles = run_styles(runs)
+    by_name = {}
+    for ax, name in zip(axes.flat, names):
+        draw_panel(ax, name, PANELS[name], runs, styles)
+        by_name[name] = ax
+    for ax in list(axes.flat)[len(names) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig, by_name
 
 
 def plot_runs(run_dirs: list[Path], out_dir: Path) -> dict[str, Path]:
@@ -142,33 +126,19 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> dict[str, Path]:
     Returns:
         ``{panel name: PNG path}`` plus ``"figure3"`` for the combined figure.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = [load_run_curves(Path(p)) for p in run_dirs]
-    arms = sorted({r.arm for r in runs})
-    seeds = sorted({r.seed for r in runs})
-    cmap = plt.get_cmap("tab10")
-    colours = {arm: cmap(i % 10) for i, arm in enumerate(arms)}
-    styles = {seed: _STYLES[i % len(_STYLES)] for i, seed in enumerate(seeds)}
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     for name in PANELS:
-        fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
-        _draw_panel(ax, name, runs, colours, styles)
-        fig.tight_layout()
+        fig, _ = draw_figure(runs, [name], panel_size=(5.6, 4.2))
         path = out_dir / f"panel_{name}.png"
-        fig.savefig(path)
+        fig.savefig(path, dpi=110)
         plt.close(fig)
         written[name] = path
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.8), dpi=100)
-    for ax, name in zip(axes, PANELS):
-        _draw_panel(ax, name, runs, colours, styles)
-    fig.tight_layout()
+    fig, _ = draw_figure(runs)
     path = out_dir / "figure3.png"
-    fig.savefig(path)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     written["figure3"] = path
     return written

@@ -23,7 +23,8 @@ Views (each printed when the runs hold what it needs):
 * **relative** (Table 5, Appendix C, Section 5.6): within a ``name`` group, the upper and
   first-upper FFN write RMS reduction of each run relative to each other run, ``1 - x / ref``.
 * ``--figure2 PNG``: per group, the ppl reduction against the control's upper entropy at the
-  first ``--at`` (Figure 2, right) and the reductions as bars (left).
+  first ``--at`` (Figure 2, right) and the reductions as bars (left); drawn by
+  :mod:`megatron_qk.analysis.figure2`.
 """
 
 from __future__ import annotations
@@ -244,7 +245,7 @@ def readout(paths: list[str], fracs: list[float]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-# Formatting, Figure 2, CLI
+# Formatting
 # ------------------------------------------------------------------------------------------
 def _fmt(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -299,45 +300,3 @@ def format_report(result: dict) -> str:
                 f"{_pct(r['first_upper_ffn_write_reduction'])} |"
             )
     return "\n".join(lines)
-
-
-def figure2(result: dict, out: Path) -> int:
-    """Figure 2: ppl reduction per group (left) and against the control's early entropy (right).
-
-    Returns:
-        The number of groups plotted.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    at = result["at"][0]
-    control_entropy = {
-        p["name"]: p["upper_entropy"] for p in result["pairs"] if p["arm"] == CONTROL_ARM
-    }
-    points = [
-        (p["name"], control_entropy.get(p["name"]), p["ppl_reduction"])
-        for p in result["pairs"]
-        if p["arm"] != CONTROL_ARM and p["ppl_reduction"] is not None
-    ]
-    points = [x for x in points if x[1] is not None]
-    if not points:
-        raise ReadoutError("--figure2 needs finished control/arm pairs with diag lines")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [name for name, _, _ in points]
-    left.bar(range(len(points)), [g for _, _, g in points], color="tab:blue")
-    left.set_xticks(range(len(points)), labels, rotation=30, ha="right", fontsize=8)
-    left.set_ylabel("PPL reduction (control - intervention)")
-    left.set_title("Marginal value of early upper-Q/K slowing")
-    right.scatter([e for _, e, _ in points], [g for _, _, g in points], color="tab:red")
-    for name, e, g in points:
-        right.annotate(name, (e, g), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    right.set_xlabel(f"control upper attention entropy @{100 * at:g}%")
-    right.set_ylabel("PPL reduction")
-    right.set_title("Gain vs early upper entropy")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return len(points)

@@ -10,7 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_qk.analysis.readout import ReadoutError, figure2, format_report, readout
+from megatron_qk.analysis.figure2 import figure2
+from megatron_qk.analysis.readout import ReadoutError, format_report, readout
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -115,6 +115,7 @@ def upper_qk_ablation(
     batches: Iterable[dict[str, torch.Tensor]],
     target_se: float | None = None,
     min_sequences: int = 0,
+    ablations: tuple[str, ...] = ABLATIONS,
 ) -> dict:
     """Perplexity with and without each upper-half Q/K ablation, with standard errors.
 
@@ -125,18 +126,24 @@ def upper_qk_ablation(
         target_se: stop reading batches once every ablation's standard error is below this
             (and ``min_sequences`` are read); None reads all of them.
         min_sequences: read at least this many sequences before stopping early.
+        ablations: which of ``q``, ``k``, ``qk`` to run (each costs one forward pass per
+            batch; all three give all-zero upper logits, so one of them measures the same).
 
     Returns:
         ``{"base_loss", "base_ppl", "sequences", "tokens", "target_se", "target_met",
-        "q": {"loss", "ppl", "ppl_increase", "ppl_increase_se"}, "k": ..., "qk": ...}``.
+        "q": {"loss", "ppl", "ppl_increase", "ppl_increase_se"}, "k": ..., "qk": ...}``
+        (the keys of ``ablations`` only).
     """
-    sums: dict[str, list[torch.Tensor]] = {name: [] for name in ("base", *ABLATIONS)}
+    unknown = [w for w in ablations if w not in ABLATIONS]
+    if unknown or not ablations:
+        raise ValueError(f"ablations must be a non-empty subset of {ABLATIONS}, got {ablations}")
+    sums: dict[str, list[torch.Tensor]] = {name: [] for name in ("base", *ablations)}
     counts: list[torch.Tensor] = []
     for batch in batches:
         base, count = sequence_losses(model, batch)
         sums["base"].append(base)
         counts.append(count)
-        for which in ABLATIONS:
+        for which in ablations:
             with zeroed_upper_qk(recorder, which):
                 sums[which].append(sequence_losses(model, batch)[0])
         n = sum(c.numel() for c in counts)
@@ -144,7 +151,7 @@ def upper_qk_ablation(
             c = torch.cat(counts)
             ses = [
                 ppl_increase_se(torch.cat(sums["base"]), torch.cat(sums[w]), c)[1]
-                for w in ABLATIONS
+                for w in ablations
             ]
             if all(se < target_se for se in ses):
                 break
@@ -161,7 +168,7 @@ def upper_qk_ablation(
         "target_se": target_se,
     }
     ses = []
-    for which in ABLATIONS:
+    for which in ablations:
         ablated = torch.cat(sums[which])
         loss = float(ablated.sum()) / float(c.sum())
         increase, se = ppl_increase_se(base_sums, ablated, c)
