@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_qk.config.loader import load_resolved_config
+from megatron_qk.rundir.finder import RunFinderError, find_runs, run_label
 from megatron_qk.rundir.layout import DIAGNOSE_FILE, METRICS_FILE
 from megatron_qk.rundir.runlog import RunLog
 
@@ -64,7 +65,8 @@ def load_run_curves(path: Path) -> RunCurves:
     if not log.has_metrics():
         raise FileNotFoundError(f"{path} is not a run directory: {path / METRICS_FILE} is missing")
     cfg = load_resolved_config(log.config_path)
-    run = RunCurves(path, cfg.arm, cfg.training.seed)
+    # A run linked in from another table is the arm its link names (rundir/finder.py).
+    run = RunCurves(path, run_label(path, cfg.arm, cfg.training.seed), cfg.training.seed)
     run.sharp_threshold = cfg.diagnostics.sharp_entropy_threshold
     maturity = [r for r in cfg.optim.rules if r.release == "maturity"]
     if maturity:
@@ -147,7 +149,11 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [load_run_curves(Path(p)) for p in run_dirs]
+    try:  # run directories or directories holding them, links followed, each run once
+        found = [r.path for r in find_runs(run_dirs)]
+    except RunFinderError as exc:
+        raise FileNotFoundError(str(exc)) from None
+    runs = [load_run_curves(p) for p in found]
     arms = sorted({r.arm for r in runs})
     seeds = sorted({r.seed for r in runs})
     cmap = plt.get_cmap("tab10")
