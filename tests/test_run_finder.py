@@ -83,9 +83,11 @@ def test_finder_follows_links_and_lists_each_run_once(tables):
     ]  # fmt: skip
     assert found[0].linked and found[0].resolved == (tables / "table1" / "control-s1").resolve()
     assert found[0].group == str(tables / "table6")
-    # The same run reached in two tables is listed once, where first reached.
+    # A run reached twice in one directory is listed once; linked into two tables, in each.
+    twice = find_runs([tables / "table1", tables / "table1" / "control-s1", tables / "table1"])
+    assert len(twice) == 4
     both = find_runs([tables / "table1", tables / "table6"])
-    assert len(both) == 6 and len({r.resolved for r in both}) == 6
+    assert len(both) == 8 and len({r.resolved for r in both}) == 6
     assert run_label(tables / "table9" / "adaptive-s1", "intervention", 1) == "adaptive"
     assert run_label(tables / "table9" / "adaptive-s1", "intervention", 2) == "intervention"
     assert run_label(tables / "table1" / "intervention-s1", "intervention", 1) == "intervention"

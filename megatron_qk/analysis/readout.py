@@ -46,7 +46,8 @@ from megatron_qk.rundir.runlog import RunLog
 COLUMNS = (
     ("lower_copy", "lower copy"),
     ("upper_entropy", "upper entropy"),
-    ("upper_logit", "upper logit"),
+    ("upper_logit", "upper logit RMS"),
+    ("upper_logit_abs", "upper logit mean |z|"),
     ("logit_ratio", "logit ratio"),
     ("upper_qk_sigma", "sigma_1"),
     ("upper_qk_displacement", "displacement"),
