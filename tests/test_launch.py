@@ -163,6 +163,8 @@ def test_run_table_reuses_identical_runs_and_skips_stopped_ones(tmp_path):
         table.mkdir()
         (table / "seeds").write_text("3\n")
         (table / "control.yaml").write_text(common + f"name: {name}\narm: control\n")
+    # The stopped run has no final loss to compare: this table is read with readout.
+    (second / "analysis").write_text("readout {runs} --at 0.5\n")
     (second / "stopped.yaml").write_text(
         common.replace("save_interval: 0", "save_interval: 0\n  stop_at_frac: 0.5")
         + "name: second\narm: stopped\n"

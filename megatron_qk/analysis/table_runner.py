@@ -1,0 +1,227 @@
+"""Running one paper table: every arm and seed, each training once, then the table's analysis
+(what ``examples/launch/run_table.sh`` runs).
+
+Run directories are ``RUNS_DIR/<table>/<group>/<arm>-s<seed>``. Per run:
+
+* finished (or stopped on purpose by ``training.stop_at_frac``): skipped;
+* absent, and a finished run with the same identity exists (``RUNS_DIR/.by_config/<key>``, see
+  :mod:`megatron_qk.analysis.table_plan`): linked to it, not retrained. The identity leaves out
+  labels, so Table 9's ``adaptive`` is Table 1's ``intervention`` seed 1; ``separate=True``
+  (``SEPARATE_RUNS=1``) trains a relabelled arm as a run of its own;
+* otherwise trained (or resumed): through ``train.sh`` (torchrun), or in this process in smoke
+  mode.
+
+Then the table's analysis: the commands of its ``analysis`` file (one ``megatron-qk`` command per
+line; ``{runs}`` is the table's run directory, ``{runs_dir}`` RUNS_DIR, and a line with
+``{group}`` runs once per group directory), or ``compare`` of each group without that file. A
+command that cannot produce its table fails the runner (exit 2, with the command's reason).
+
+Smoke mode (``SMOKE=1``) trains every run on the CPU with the model shrunk to a tiny shape and
+few steps (:data:`SMOKE_OVERRIDES`) and keeps every other setting: rules, the entropy floor, fixed
+releases, multipliers, ``stop_at_frac`` and the evaluation grid. Data is synthetic and the
+downstream evaluation (Table 2, which needs the lm-eval task data) is not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_qk.analysis.table_plan import plan_run, resolve_tables, table_recipes, table_seeds
+from megatron_qk.config.errors import ConfigError
+from megatron_qk.rundir.config_hash import run_state
+
+LAUNCH = Path(__file__).resolve().parents[2] / "examples" / "launch"
+DONE = ("finished", "stopped")
+# The tiny shape of smoke mode: 2 layers (one lower, one upper), width 32, 2 heads, 32 tokens,
+# 20 steps of 4 sequences, synthetic data, one validation batch, 2 probe sequences.
+SMOKE_OVERRIDES = (
+    "model.num_layers=2",
+    "model.hidden_size=32",
+    "model.num_attention_heads=2",
+    "model.ffn_hidden_size=64",
+    "model.seq_length=32",
+    "model.vocab_size=128",
+    "data.kind=synthetic",
+    "data.synthetic_vocab=64",
+    "training.train_tokens=null",
+    "training.train_steps=20",
+    "training.global_batch_size=4",
+    "training.micro_batch_size=2",
+    "training.eval_iters=1",
+    "training.save_interval=0",
+    "training.precision=fp32",
+    "parallel.use_distributed_optimizer=false",
+    "parallel.overlap_grad_reduce=false",
+    "diagnostics.num_sequences=2",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+)
+
+
+class TableError(RuntimeError):
+    """The table cannot be produced (the message says which run or command and why)."""
+
+
+def _say(text: str) -> None:
+    print(f"run_table: {text}", flush=True)
+
+
+def _train_subprocess(recipe: Path, seed: int, out: Path, overrides: list[str]) -> None:
+    env = dict(os.environ, CONFIG=str(recipe), SEED=str(seed), OUTPUT_DIR=str(out))
+    env.pop("DRY_RUN", None)
+    proc = subprocess.run(["bash", str(LAUNCH / "train.sh"), *overrides], env=env, check=False)
+    if proc.returncode != 0:
+        raise TableError(f"training {out} failed (exit {proc.returncode})")
+
+
+def _train_in_process(recipe: Path, seed: int, out: Path, overrides: list[str]) -> None:
+    # Imported here: training imports megatron.core and torch, which planning and the dry run
+    # never need; smoke mode imports them once for every run of every table.
+    from megatron_qk.config.loader import load_config
+    from megatron_qk.training.entry import train_from_config
+
+    cfg = load_config(
+        str(recipe), [f"training.seed={seed}", f"training.output_dir={out}", *overrides]
+    )
+    train_from_config(cfg)
+
+
+def train_runs(
+    table_dir: Path,
+    runs_dir: Path,
+    seeds: str | None = None,
+    overrides: list[str] | None = None,
+    separate: bool = False,
+    smoke: bool = False,
+    dry_run: bool = False,
+) -> list[Path]:
+    """Train, link or skip every run of a table; return its group directories (in order).
+
+    Raises:
+        TableError: when a training fails.
+    """
+    overrides = [*(SMOKE_OVERRIDES if smoke else ()), *(overrides or [])]
+    groups: list[Path] = []
+    for group, arm, recipe in table_recipes(table_dir):
+        group_dir = Path(os.path.normpath(runs_dir / table_dir.name / group))
+        if group_dir not in groups:
+            groups.append(group_dir)
+        for seed in table_seeds(table_dir, seeds):
+            out = group_dir / f"{arm}-s{seed}"
+            key = plan_run(recipe, seed, overrides, separate)[0]
+            index = runs_dir / ".by_config" / key
+            source = Path(index.read_text(encoding="utf-8").strip()) if index.is_file() else None
+            if dry_run:
+                if source is not None and source != out:
+                    _say(f"would reuse {source} -> {out} (identical resolved config {key})")
+                else:
+                    _say(f"would train -> {out}")
+                continue
+            state = run_state(out)
+            linked = False
+            if state in DONE:
+                _say(f"{out} {state}, skipping")
+            elif (
+                state == "absent"
+                and source is not None
+                and source != out
+                and run_state(source) in DONE
+            ):
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.symlink_to(source.resolve())
+                linked = True
+                _say(f"reusing {source} for {out} (identical resolved config, key {key})")
+            else:
+                (_train_in_process if smoke else _train_subprocess)(recipe, seed, out, overrides)
+            if not linked and not out.is_symlink() and source is None and run_state(out) in DONE:
+                index.parent.mkdir(parents=True, exist_ok=True)
+                index.write_text(f"{out}\n", encoding="utf-8")
+            tasks = table_dir / "eval_tasks"
+            if tasks.is_file() and not smoke and os.environ.get("EVAL", "1") == "1":
+                if not (out / "eval.json").exists() and run_state(out) == "finished":
+                    names = "".join(tasks.read_text(encoding="utf-8").split())
+                    _run_command(["eval", "--checkpoint", str(out), "--tasks", names])
+    return groups
+
+
+def analysis_commands(table_dir: Path, runs_dir: Path, groups: list[Path]) -> list[list[str]]:
+    """The table's analysis commands (``megatron-qk`` argument lists), placeholders filled."""
+    table_runs = runs_dir / table_dir.name
+    spec = table_dir / "analysis"
+    if spec.is_file():
+        lines = [ln.strip() for ln in spec.read_text(encoding="utf-8").splitlines()]
+        lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    else:
+        lines = ["compare {group} --json {group}/compare.json"]
+    out = []
+    for line in lines:
+        for group in groups if "{group}" in line else [None]:
+            text = line.format(runs=table_runs, runs_dir=runs_dir, group=group)
+            out.append(text.split())
+    return out
+
+
+def _run_command(argv: list[str]) -> None:
+    """Run one ``megatron-qk`` command in this process; raise when it fails."""
+    from megatron_qk.cli import main
+
+    print(f"== megatron-qk {' '.join(argv)}", flush=True)
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code if isinstance(exc.code, int) else 2
+    if rc:
+        raise TableError(f"`megatron-qk {' '.join(argv)}` failed (exit {rc}): see its error above")
+
+
+def run_table(table_dir: Path, runs_dir: Path, **options) -> list[list[str]]:
+    """Train the table (see :func:`train_runs`) and run its analysis; return the commands run.
+
+    Raises:
+        TableError: when a training or an analysis command fails.
+    """
+    groups = train_runs(table_dir, runs_dir, **options)
+    if options.get("dry_run"):
+        return []
+    commands = analysis_commands(table_dir, runs_dir, groups)
+    for argv in commands:
+        _run_command(argv)
+    return commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megatron_qk.analysis.table_runner TABLE [KEY=VALUE ...]`` (run_table.sh)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_qk.analysis.table_runner", allow_abbrev=False
+    )
+    parser.add_argument("table", help="table directory or name under examples/configs")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--seeds", help="seeds instead of the table's seeds file")
+    parser.add_argument("--separate", action="store_true", help="train relabelled arms apart")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU runs of every recipe")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
+    args = parser.parse_args(argv)
+    try:
+        (table_dir,) = resolve_tables([args.table])
+        run_table(
+            table_dir,
+            Path(args.runs_dir),
+            seeds=args.seeds,
+            overrides=args.overrides,
+            separate=args.separate,
+            smoke=args.smoke,
+            dry_run=args.dry_run,
+        )
+    except (TableError, ValueError, ConfigError) as exc:
+        print(f"run_table: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
