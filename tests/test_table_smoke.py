@@ -11,13 +11,15 @@ run.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
 
 from megatron_qk.analysis.table_plan import resolve_tables
-from megatron_qk.analysis.table_runner import SMOKE_OVERRIDES, run_table
+from megatron_qk.analysis.table_runner import SMOKE_OVERRIDES, run_cli_command, run_table
+from megatron_qk.cli import main
 
 COLUMNS = ("upper_entropy", "upper_logit", "upper_logit_abs", "lower_copy")
 
@@ -26,7 +28,7 @@ COLUMNS = ("upper_entropy", "upper_logit", "upper_logit_abs", "lower_copy")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("smoke") / "runs"
     for table_dir in resolve_tables([]):  # Table 1 first: it trains the runs others link
-        run_table(table_dir, root, seeds="1", smoke=True)
+        run_table(table_dir, root, functools.partial(run_cli_command, main), seeds="1", smoke=True)
     return root
 
 

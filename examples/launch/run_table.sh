@@ -11,7 +11,7 @@
 # training.stop_at_frac, e.g. Table 5) are skipped and interrupted ones resume. A run whose
 # resolved config is identical apart from labels to one already trained for another table (e.g.
 # the GPT-style seed-1 control, or Table 9's `adaptive` = Table 1's `intervention`) is linked,
-# not retrained (megatron_qk/analysis/table_runner.py). Tables with an `eval_tasks` file
+# not retrained (`megatron-qk table`, megatron_qk/analysis/table_runner.py). Tables with an `eval_tasks` file
 # (Table 1 -> Table 2) run `megatron-qk eval` after training. A table command that cannot
 # produce its table fails the script (exit 2) with the reason.
 # Environment:
@@ -35,13 +35,12 @@ export PYTHON
 [ -n "${TABLE:-}" ] || die "set TABLE to a directory of examples/configs (e.g. table1_gpt270m)"
 RUNS_DIR="${RUNS_DIR:-runs}"
 opts=(--runs-dir "$RUNS_DIR")
-plan_opts=(--runs-dir "$RUNS_DIR" --mfu "${MFU:-0.4}" --peak "${PEAK_TFLOPS:-989}")
-if [ -n "${SEEDS:-}" ]; then opts+=(--seeds "$SEEDS"); plan_opts+=(--seeds "$SEEDS"); fi
-if [ "${SEPARATE_RUNS:-0}" = "1" ]; then opts+=(--separate); plan_opts+=(--separate); fi
-if [ "$#" -gt 0 ]; then plan_opts+=(--set "$@"); fi
+if [ -n "${SEEDS:-}" ]; then opts+=(--seeds "$SEEDS"); fi
+if [ "${SEPARATE_RUNS:-0}" = "1" ]; then opts+=(--separate); fi
+plan_opts=("${opts[@]}" --plan --mfu "${MFU:-0.4}" --peak "${PEAK_TFLOPS:-989}")
 if [ "$TABLE" = all ]; then
   [ "${DRY_RUN:-0}" = "1" ] || die "TABLE=all is for DRY_RUN=1 (the plan); run tables one by one"
-  exec "$PYTHON" -m megatron_qk.analysis.table_plan "${plan_opts[@]}"
+  exec "$PYTHON" -m megatron_qk.cli table all "${plan_opts[@]}" "$@"
 fi
 table_dir="$TABLE"
 [ -d "$table_dir" ] || table_dir="$MQK_ROOT/examples/configs/$TABLE"
@@ -60,8 +59,8 @@ print("   {:,} parameters, {} steps, {:,} tokens, {} evaluations (steps {} ... {
     r["parameters"]["total"], r["planned_steps"], r["planned_tokens"], len(steps),
     ", ".join(map(str, steps[:8])), steps[-1]))' "$report"
   done
-  "$PYTHON" -m megatron_qk.analysis.table_runner "$table_dir" --dry-run "${opts[@]}" "$@"
-  exec "$PYTHON" -m megatron_qk.analysis.table_plan "$table_dir" "${plan_opts[@]}"
+  "$PYTHON" -m megatron_qk.cli table "$table_dir" --dry-run "${opts[@]}" "$@"
+  exec "$PYTHON" -m megatron_qk.cli table "$table_dir" "${plan_opts[@]}" "$@"
 fi
 if [ "${SMOKE:-0}" = "1" ]; then opts+=(--smoke); fi
-exec "$PYTHON" -m megatron_qk.analysis.table_runner "$table_dir" "${opts[@]}" "$@"
+exec "$PYTHON" -m megatron_qk.cli table "$table_dir" "${opts[@]}" "$@"

@@ -17,25 +17,19 @@ The cost of a run is read from its recipe, never measured:
 with trained tokens = the steps the run trains (``stop_at_frac`` included) x tokens per step. The
 mechanism probes of each evaluation and checkpoint writes are left out.
 
-Usage::
-
-    python -m megatron_qk.analysis.table_plan [TABLE_DIR ...] [--mfu 0.4] [--peak 989]
-        [--seeds "1 2 3"] [--separate] [--runs-dir runs] [--set KEY=VALUE ...]
+Usage: ``megatron-qk table all --plan [--mfu 0.4] [--peak 989] [--separate]`` (or
+``TABLE=all DRY_RUN=1 bash examples/launch/run_table.sh``).
 """
 
 from __future__ import annotations
 
-import argparse
-import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.identity import config_hash
 from megatron_qk.config.loader import config_to_dict, load_config
-from megatron_qk.models.flops import H100_BF16_DENSE_TFLOPS, flops_per_token
+from megatron_qk.models.flops import flops_per_token
 from megatron_qk.training.checkpoint_plan import end_step
 from megatron_qk.training.eval_plan import evaluation_steps
 
@@ -182,35 +176,3 @@ def resolve_tables(names: list[str]) -> list[Path]:
             raise ValueError(f"no table directory {name} (looked in examples/configs/)")
         out.append(path.resolve())
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Print the plan of the given tables (default: every paper table)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_qk.analysis.table_plan", allow_abbrev=False
-    )
-    parser.add_argument("tables", nargs="*", metavar="TABLE", help="table directories or names")
-    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="assumed MFU (0.4)")
-    parser.add_argument(
-        "--peak", type=float, default=H100_BF16_DENSE_TFLOPS, help="GPU peak TFLOP/s (989)"
-    )
-    parser.add_argument("--seeds", help="seeds instead of each table's seeds file")
-    parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--separate", action="store_true", help="relabelled runs train apart")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    if not 0 < args.mfu <= 1 or not math.isfinite(args.peak) or args.peak <= 0:
-        print("table_plan: --mfu must be in (0, 1] and --peak > 0", file=sys.stderr)
-        return 2
-    try:
-        tables = resolve_tables(args.tables)
-        plan = build_plan(tables, args.runs_dir, args.seeds, args.set, args.separate)
-    except (ValueError, ConfigError) as exc:
-        print(f"table_plan: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_plan(plan, args.mfu, args.peak))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
 """Running one paper table: every arm and seed, each training once, then the table's analysis
-(what ``examples/launch/run_table.sh`` runs).
+(``megatron-qk table``, what ``examples/launch/run_table.sh`` runs).
 
 Run directories are ``RUNS_DIR/<table>/<group>/<arm>-s<seed>``. Per run:
 
@@ -24,14 +24,12 @@ downstream evaluation (Table 2, which needs the lm-eval task data) is not run.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from megatron_qk.analysis.table_plan import plan_run, resolve_tables, table_recipes, table_seeds
-from megatron_qk.config.errors import ConfigError
+from megatron_qk.analysis.table_plan import plan_run, table_recipes, table_seeds
 from megatron_qk.rundir.config_hash import run_state
 
 LAUNCH = Path(__file__).resolve().parents[2] / "examples" / "launch"
@@ -93,6 +91,7 @@ def _train_in_process(recipe: Path, seed: int, out: Path, overrides: list[str]) 
 def train_runs(
     table_dir: Path,
     runs_dir: Path,
+    run_command: Callable[[list[str]], None],
     seeds: str | None = None,
     overrides: list[str] | None = None,
     separate: bool = False,
@@ -144,7 +143,7 @@ def train_runs(
             if tasks.is_file() and not smoke and os.environ.get("EVAL", "1") == "1":
                 if not (out / "eval.json").exists() and run_state(out) == "finished":
                     names = "".join(tasks.read_text(encoding="utf-8").split())
-                    _run_command(["eval", "--checkpoint", str(out), "--tasks", names])
+                    run_command(["eval", "--checkpoint", str(out), "--tasks", names])
     return groups
 
 
@@ -165,10 +164,12 @@ def analysis_commands(table_dir: Path, runs_dir: Path, groups: list[Path]) -> li
     return out
 
 
-def _run_command(argv: list[str]) -> None:
-    """Run one ``megatron-qk`` command in this process; raise when it fails."""
-    from megatron_qk.cli import main
+def run_cli_command(main: Callable[[list[str]], int], argv: list[str]) -> None:
+    """Run one ``megatron-qk`` command through ``main`` in this process; raise when it fails.
 
+    Raises:
+        TableError: naming the command and its exit status (its own error is printed above).
+    """
     print(f"== megatron-qk {' '.join(argv)}", flush=True)
     try:
         rc = main(argv)
@@ -178,50 +179,25 @@ def _run_command(argv: list[str]) -> None:
         raise TableError(f"`megatron-qk {' '.join(argv)}` failed (exit {rc}): see its error above")
 
 
-def run_table(table_dir: Path, runs_dir: Path, **options) -> list[list[str]]:
+def run_table(
+    table_dir: Path, runs_dir: Path, run_command: Callable[[list[str]], None], **options
+) -> list[list[str]]:
     """Train the table (see :func:`train_runs`) and run its analysis; return the commands run.
+
+    Args:
+        table_dir: the table's recipe directory.
+        runs_dir: where run directories go.
+        run_command: runs one ``megatron-qk`` command (argument list), raising
+            :class:`TableError` when it fails (``megatron-qk table`` passes the CLI's own).
+        options: of :func:`train_runs`.
 
     Raises:
         TableError: when a training or an analysis command fails.
     """
-    groups = train_runs(table_dir, runs_dir, **options)
+    groups = train_runs(table_dir, runs_dir, run_command, **options)
     if options.get("dry_run"):
         return []
     commands = analysis_commands(table_dir, runs_dir, groups)
     for argv in commands:
-        _run_command(argv)
+        run_command(argv)
     return commands
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m megatron_qk.analysis.table_runner TABLE [KEY=VALUE ...]`` (run_table.sh)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_qk.analysis.table_runner", allow_abbrev=False
-    )
-    parser.add_argument("table", help="table directory or name under examples/configs")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--seeds", help="seeds instead of the table's seeds file")
-    parser.add_argument("--separate", action="store_true", help="train relabelled arms apart")
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU runs of every recipe")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
-    args = parser.parse_args(argv)
-    try:
-        (table_dir,) = resolve_tables([args.table])
-        run_table(
-            table_dir,
-            Path(args.runs_dir),
-            seeds=args.seeds,
-            overrides=args.overrides,
-            separate=args.separate,
-            smoke=args.smoke,
-            dry_run=args.dry_run,
-        )
-    except (TableError, ValueError, ConfigError) as exc:
-        print(f"run_table: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
