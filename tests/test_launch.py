@@ -166,8 +166,10 @@ def test_run_table_reuses_identical_runs_and_skips_stopped_ones(tmp_path):
         table.mkdir()
         (table / "seeds").write_text("3\n")
         (table / "control.yaml").write_text(common + f"name: {name}\narm: control\n")
-    # The stopped run has no final loss to compare: this table is read with readout.
-    (second / "analysis").write_text("readout {runs} --at 0.5\n")
+    # One arm, and a stopped run with no final loss to compare: these tables are read with
+    # readout (compare would fail the script: a table that cannot be produced is an error).
+    for table in (first, second):
+        (table / "analysis").write_text("readout {runs} --at 0.5\n")
     (second / "stopped.yaml").write_text(
         common.replace("save_interval: 0", "save_interval: 0\n  stop_at_frac: 0.5")
         + "name: second\narm: stopped\n"
