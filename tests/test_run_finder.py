@@ -88,6 +88,9 @@ def test_finder_follows_links_and_lists_each_run_once(tables):
     assert len(twice) == 4
     both = find_runs([tables / "table1", tables / "table6"])
     assert len(both) == 8 and len({r.resolved for r in both}) == 6
+    # Under another arm's name in the same table it stands for that arm too.
+    link(tables / "table1" / "control-s1", tables / "table1" / "twin-s1")
+    assert len(find_runs([tables / "table1"])) == 5
     assert run_label(tables / "table9" / "adaptive-s1", "intervention", 1) == "adaptive"
     assert run_label(tables / "table9" / "adaptive-s1", "intervention", 2) == "intervention"
     assert run_label(tables / "table1" / "intervention-s1", "intervention", 1) == "intervention"

@@ -30,17 +30,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from megatron_qk.analysis.table_plan import plan_run, table_recipes, table_seeds
+from megatron_qk.config.loader import load_config
 from megatron_qk.rundir.config_hash import run_state
 
 LAUNCH = Path(__file__).resolve().parents[2] / "examples" / "launch"
 DONE = ("finished", "stopped")
 # The tiny shape of smoke mode: 2 layers (one lower, one upper), width 32, 2 heads, 32 tokens,
-# 20 steps of 4 sequences, synthetic data, one validation batch, 2 probe sequences.
+# 20 steps of 4 sequences, synthetic data, one validation batch, 2 probe sequences. The FFN width
+# keeps its ratio to the width (smoke_overrides), so Table 5's FFN widths stay distinct.
+SMOKE_WIDTH = 32
 SMOKE_OVERRIDES = (
     "model.num_layers=2",
-    "model.hidden_size=32",
+    f"model.hidden_size={SMOKE_WIDTH}",
     "model.num_attention_heads=2",
-    "model.ffn_hidden_size=64",
     "model.seq_length=32",
     "model.vocab_size=128",
     "data.kind=synthetic",
@@ -58,6 +60,13 @@ SMOKE_OVERRIDES = (
     "logging.progress_bar=false",
     "logging.tensorboard=false",
 )
+
+
+def smoke_overrides(recipe: Path) -> list[str]:
+    """:data:`SMOKE_OVERRIDES` plus the recipe's FFN width scaled with the width to 32."""
+    model = load_config(str(recipe), []).model
+    ffn = max(8, round(model.ffn_hidden_size * SMOKE_WIDTH / model.hidden_size))
+    return [*SMOKE_OVERRIDES, f"model.ffn_hidden_size={ffn}"]
 
 
 class TableError(RuntimeError):
@@ -79,7 +88,6 @@ def _train_subprocess(recipe: Path, seed: int, out: Path, overrides: list[str]) 
 def _train_in_process(recipe: Path, seed: int, out: Path, overrides: list[str]) -> None:
     # Imported here: training imports megatron.core and torch, which planning and the dry run
     # never need; smoke mode imports them once for every run of every table.
-    from megatron_qk.config.loader import load_config
     from megatron_qk.training.entry import train_from_config
 
     cfg = load_config(
@@ -103,9 +111,10 @@ def train_runs(
     Raises:
         TableError: when a training fails.
     """
-    overrides = [*(SMOKE_OVERRIDES if smoke else ()), *(overrides or [])]
+    extra = list(overrides or [])
     groups: list[Path] = []
     for group, arm, recipe in table_recipes(table_dir):
+        overrides = [*(smoke_overrides(recipe) if smoke else ()), *extra]
         group_dir = Path(os.path.normpath(runs_dir / table_dir.name / group))
         if group_dir not in groups:
             groups.append(group_dir)

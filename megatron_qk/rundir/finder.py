@@ -4,9 +4,10 @@
 The table runner (``examples/launch/run_table.sh``) trains a run once and *links* it into every
 table directory that needs it (``runs/table6_entropy_floor/control-s1 ->
 runs/table1_gpt270m/control-s1``), so the finder follows symbolic links. It refuses a link that
-leads back into a directory it is already inside (a cycle). A run reached twice in one directory
-(given twice, or given and found) is listed once, where first reached; a run linked into two
-tables is listed in each, since each table pairs it with its own arms.
+leads back into a directory it is already inside (a cycle). A run reached twice under the same
+name in the same directory (given twice, given and found, or through a linked parent) is listed
+once, where first reached; a run linked into two tables, or under another arm's name, is listed
+in each place, since each stands for an arm there.
 
 A linked run belongs to the table it is linked into: its *label* (the arm it stands for in that
 table) is the link's name without its ``-s<seed>`` suffix (:func:`run_label`), so Table 9's
@@ -103,7 +104,8 @@ def find_runs(paths: Iterable[str | Path]) -> list[FoundRun]:
 
     Each path is a run directory or a directory searched recursively (following symbolic
     links, not into a run directory found). Runs are in the order of the paths, and by name
-    below each path; a run reached again in the same directory (same real location) is dropped.
+    below each path; a run reached again under the same name in the same (real) directory is
+    dropped.
 
     Raises:
         RunFinderError: for a path that is not a directory, a link cycle, or a directory
@@ -126,9 +128,9 @@ def find_runs(paths: Iterable[str | Path]) -> list[FoundRun]:
                 )
         for run in below:
             real = run.resolve()
-            # Once per directory it is reached in: the same run given twice, or linked twice
-            # into one table, is one run; linked into two tables it is in both (each pairs it).
-            key = (real, run.parent.resolve())
+            # Once per name and directory: the same run given twice (or through a linked parent)
+            # is one run; linked into two tables, or under another arm's name, it is in each.
+            key = (real, run.name, run.parent.resolve())
             if key not in seen:
                 seen.add(key)
                 found.append(FoundRun(run, real))
