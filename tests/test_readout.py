@@ -106,4 +106,8 @@ def test_readout_matches_the_diag_lines(runs, tmp_path, capsys):
 
 def test_readout_errors(tmp_path, capsys):
     assert main(["readout", str(tmp_path)]) == 2
+    assert "no run directory (summary.json, config.yaml, metrics.jsonl)" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("arm: control\n")
+    assert main(["readout", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
