@@ -168,7 +168,7 @@ def test_interpolation_and_not_reached():
 
 def test_paired_table_matches_hand_computation(paired, tmp_path, capsys, monkeypatch):
     # No downstream view: Table 1 alone (the eval_table import is a plain one now).
-    monkeypatch.setattr(cli_compare, "downstream_table", lambda run_dirs, control_arm: None)
+    monkeypatch.setattr(cli_compare, "downstream_table", lambda run_dirs, control_arm, metric: None)
     out_json = tmp_path / "cmp.json"
     assert main(["compare", str(paired), "--json", str(out_json)]) == 0
     result = json.loads(out_json.read_text())
@@ -281,7 +281,7 @@ def test_missing_control_arm(tmp_path):
 
 
 def test_eval_table_is_appended_when_its_module_exists(paired, tmp_path, monkeypatch, capsys):
-    def fake_eval_table(run_dirs, control_arm):
+    def fake_eval_table(run_dirs, control_arm, metric="acc"):
         assert any(p.endswith("control-s1") for p in run_dirs), run_dirs
         return f"DOWNSTREAM {len(run_dirs)} {control_arm}", {"tasks": 7}
 
@@ -318,3 +318,24 @@ def test_compare_appends_the_real_table2_view(paired, tmp_path, capsys):
     # the sd moves by <= sqrt(3/2) * 2 < 3 times that. The deltas checked are 1-3 pp.
     assert row["delta_pp"]["mean"] == pytest.approx(5 / 3, abs=(100 + 16) * U64)
     assert row["delta_pp"]["std"] == pytest.approx(sample_sd([1.0, 1.0, 3.0]), abs=3 * 116 * U64)
+
+
+def test_compare_metric_flag_chooses_acc_or_acc_norm(paired, tmp_path, capsys):
+    """eval.json holds acc and acc_norm; --metric picks the one Table 2 shows."""
+    for arm, seed in [(a, s) for a in ("control", "intervention") for s in (1, 2, 3)]:
+        acc, norm = (0.60, 0.70) if arm == "control" else (0.61, 0.75)
+        task = {"acc": acc, "acc_norm": norm, "samples": 100}
+        report = {"format": "megatron-qk-eval/1", "step": 100, "arm": arm, "seed": seed}
+        report["tasks"] = {"hellaswag": task}
+        (paired / f"{arm}-s{seed}" / "eval.json").write_text(json.dumps(report))
+    deltas = {}
+    for metric in ("acc", "acc_norm"):
+        out_json = tmp_path / f"{metric}.json"
+        assert main(["compare", str(paired), "--metric", metric, "--json", str(out_json)]) == 0
+        data = json.loads(out_json.read_text())["eval_table"]
+        assert data["metric"] == metric
+        (row,) = data["tables"]["intervention"]["rows"]
+        deltas[metric] = row["delta_pp"]["mean"]
+    capsys.readouterr()
+    assert deltas["acc"] == pytest.approx(1.0, abs=1e-9)
+    assert deltas["acc_norm"] == pytest.approx(5.0, abs=1e-9)

@@ -30,7 +30,8 @@ def _materialised_attention(model):
 
 
 def _reference_layer_stats(scores, probs, tokens):
-    """Per-head copy mass, normalised entropy and logit RMS from materialised attention."""
+    """Per-head copy mass, normalised entropy, logit RMS and mean |logit| from materialised
+    attention."""
     from megatron_qk.diagnostics.probes import previous_occurrence
 
     b, h, s, _ = probs.shape
@@ -39,6 +40,7 @@ def _reference_layer_stats(scores, probs, tokens):
     plogp = torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs))
     entropy = -plogp.sum(-1)[..., 1:] / torch.log(rows[1:] + 1.0)  # [b, h, s-1]
     logit_rms = scores[..., causal].pow(2).mean(dim=(0, 2)).sqrt()  # [h]
+    logit_abs = scores[..., causal].abs().mean(dim=(0, 2))  # [h]
     prev = previous_occurrence(tokens)
     copy = []
     for head in range(h):
@@ -46,7 +48,7 @@ def _reference_layer_stats(scores, probs, tokens):
             probs[i, head, j, prev[i, j]] for i in range(b) for j in range(s) if prev[i, j] >= 0
         ]
         copy.append(torch.stack(masses).mean())
-    return torch.stack(copy), entropy.mean(dim=(0, 2)), logit_rms
+    return torch.stack(copy), entropy.mean(dim=(0, 2)), logit_rms, logit_abs
 
 
 def _close(values: list[float], reference: torch.Tensor) -> None:
@@ -110,11 +112,12 @@ def test_recorder_equals_materialised_attention(tiny_model):
     for layer in model.decoder.layers:
         n = int(layer.layer_number)
         ((scores, probs),) = captured[n]
-        copy, entropy, logit = _reference_layer_stats(scores, probs, tokens)
+        copy, entropy, logit, logit_abs = _reference_layer_stats(scores, probs, tokens)
         heads = record["layers"][str(n)]["heads"]
         _close(heads["copy"], copy)
         _close(heads["entropy"], entropy)
         _close(heads["logit"], logit)
+        _close(heads["logit_abs"], logit_abs)
         write = outs[n] - mids[n]
         assert record["layers"][str(n)]["ffn_write_rms"] == pytest.approx(
             write.pow(2).mean().sqrt().item(), rel=1e-4
@@ -273,6 +276,9 @@ def test_diag_lines_and_sharp_entropy_event(trained_run):
         for key in ("logit_ratio", "upper_ffn_write_rms", "first_upper_ffn_write_rms",
                     "upper_qk_sigma", "upper_qk_displacement"):  # fmt: skip
             assert math.isfinite(r[key]), key
+        # Both logit magnitudes are logged; mean |z| <= RMS (Jensen).
+        assert 0 < r["upper_logit_abs"] <= r["upper_logit"]
+        assert 0 < r["lower_logit_abs"] <= r["lower_logit"]
         assert len(r["layers"]["4"]["heads"]["qk_displacement"]) == 4
     assert diags[0]["upper_qk_displacement"] == pytest.approx(0.0, abs=1e-9)
     assert diags[-1]["upper_qk_displacement"] > 0

@@ -94,6 +94,8 @@ def test_train_sh_dry_run_builds_the_model_and_refuses_bad_input():
     report = json.loads(proc.stdout)
     assert report["parameters"]["total"] == report["expected_parameters"] == 269_727_360
     assert report["planned_steps"] == 4769
+    # The paper's evaluation grid (Table 8's release points among its steps).
+    assert {0, 143, 191, 238, 262, 4769} <= set(report["evaluation_steps"])
     # 512 sequences do not split over 3 data-parallel ranks of 16.
     bad = _script("train.sh", CONFIG=str(recipe), GPUS="3", DRY_RUN="1")
     assert bad.returncode == 2 and "training.global_batch_size" in bad.stderr
@@ -145,7 +147,8 @@ def test_run_table_trains_a_tiny_table_and_compares(tmp_path):
             assert (summary["arm"], summary["seed"], summary["steps"]) == (arm, seed, 6)
     report = json.loads((runs / "compare.json").read_text())
     assert report  # the comparison of the two arms over the two seeds was written
-    assert "intervention" in (runs / "compare.md").read_text()
+    assert sorted(report["arms"]) == ["control", "intervention"]
+    assert "| intervention |" in proc.stdout  # the table is printed
     # Rerun: finished runs are skipped.
     again = _script("run_table.sh", TABLE=str(table), GPUS="1", RUNS_DIR=str(tmp_path / "runs"))
     assert again.returncode == 0 and again.stdout.count("skipping") == 2
@@ -163,6 +166,10 @@ def test_run_table_reuses_identical_runs_and_skips_stopped_ones(tmp_path):
         table.mkdir()
         (table / "seeds").write_text("3\n")
         (table / "control.yaml").write_text(common + f"name: {name}\narm: control\n")
+    # One arm, and a stopped run with no final loss to compare: these tables are read with
+    # readout (compare would fail the script: a table that cannot be produced is an error).
+    for table in (first, second):
+        (table / "analysis").write_text("readout {runs} --at 0.5\n")
     (second / "stopped.yaml").write_text(
         common.replace("save_interval: 0", "save_interval: 0\n  stop_at_frac: 0.5")
         + "name: second\narm: stopped\n"

@@ -80,7 +80,12 @@ def test_readout_matches_the_diag_lines(runs, tmp_path, capsys):
     release = summary(runs / "intervention")["release"]["upper_qk"]
     assert rows[("intervention", 0.5)]["release_step"] == release["step"]
     # Pairs: the reduction is the control's final ppl minus the arm's.
-    pairs = {p["arm"]: p for p in data["pairs"]}
+    # "Against the control" is given at every --at; the group is the directory of the runs.
+    assert sorted({p["at"] for p in data["pairs"]}) == [0.5, 0.9]
+    assert {p["name"] for p in data["pairs"]} == {str(runs)}
+    pairs = {p["arm"]: p for p in data["pairs"] if p["at"] == 0.5}
+    late = {p["arm"]: p for p in data["pairs"] if p["at"] == 0.9}
+    assert late["intervention"]["upper_entropy"] == diags(runs / "intervention")[8]["upper_entropy"]
     want = (
         summary(runs / "control")["final_val_ppl"] - summary(runs / "intervention")["final_val_ppl"]
     )
@@ -94,9 +99,15 @@ def test_readout_matches_the_diag_lines(runs, tmp_path, capsys):
     x = diags(runs / "stopped")[4]["upper_ffn_write_rms"]
     ref = diags(runs / "control")[4]["upper_ffn_write_rms"]
     assert rel[("stopped", "control")]["upper_ffn_write_reduction"] == pytest.approx(1 - x / ref)
-    assert "| pair | intervention |" in text and png.stat().st_size > 0
+    assert f"| {runs} | intervention |" in text and png.stat().st_size > 0
+    assert "## Against the control (readouts @50.00%)" in text
+    assert "## Against the control (readouts @90.00%)" in text
 
 
 def test_readout_errors(tmp_path, capsys):
+    assert main(["readout", str(tmp_path)]) == 2
+    assert "no run directory (summary.json, config.yaml, metrics.jsonl)" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("arm: control\n")
     assert main(["readout", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err

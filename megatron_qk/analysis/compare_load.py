@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from megatron_qk.analysis.compare import DEFAULT_CONTROL, CompareError, Run, com
 from megatron_qk.analysis.eval_table import eval_table
 from megatron_qk.config.loader import config_to_dict, load_resolved_config
 from megatron_qk.rundir.config_hash import flatten_config
-from megatron_qk.rundir.layout import CONFIG_FILE, EVAL_GLOB, SUMMARY_FILE
+from megatron_qk.rundir.finder import RunFinderError, find_runs, run_label
+from megatron_qk.rundir.layout import EVAL_GLOB
 from megatron_qk.rundir.runlog import RunLog
 
 # Keys allowed to differ between compared runs: identity, location, logging, the keys that may
@@ -31,37 +31,19 @@ IGNORED_KEYS = frozenset(
 IGNORED_PREFIXES = ("logging.", "optim.entropy_floor.")
 
 
-def _is_run_dir(path: Path) -> bool:
-    return (path / SUMMARY_FILE).is_file() or (path / CONFIG_FILE).is_file()
-
-
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run directories among ``paths``: each path is a run directory or a parent of some.
+    """Run directories among ``paths`` (each a run directory or a parent of some), as reached.
 
-    A parent is searched recursively for directories holding ``summary.json`` or
-    ``config.yaml`` (not descending into a run directory found).
+    Through :func:`megatron_qk.rundir.finder.find_runs`: links are followed (runs shared by
+    tables), a link cycle is refused and a run reached twice is listed once.
 
     Raises:
-        CompareError: for a missing path or a directory without any run directory.
+        CompareError: for a missing path, a link cycle or a directory without any run.
     """
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.is_dir():
-            raise CompareError(f"{path}: not a directory")
-        if _is_run_dir(path):
-            found.append(path)
-            continue
-        below = []
-        for top, dirs, _ in os.walk(path):
-            dirs.sort()
-            if _is_run_dir(Path(top)):
-                below.append(Path(top))
-                dirs.clear()  # not into checkpoints/ etc.
-        if not below:
-            raise CompareError(f"{path}: no run directory (summary.json/config.yaml) found")
-        found.extend(below)
-    return list(dict.fromkeys(p.resolve() for p in found))
+    try:
+        return [run.path for run in find_runs(paths)]
+    except RunFinderError as exc:
+        raise CompareError(str(exc)) from None
 
 
 def _compared(key: str) -> bool:
@@ -70,6 +52,9 @@ def _compared(key: str) -> bool:
 
 def load_finished_run(run_dir: Path) -> Run:
     """A finished run directory as the comparison needs it (read through :class:`RunLog`).
+
+    Its arm is the one it stands for where it was reached (:func:`run_label`): a run linked in
+    from another table is the arm its link is named for.
 
     Raises:
         CompareError: when the run did not finish or its files are missing or malformed.
@@ -109,7 +94,7 @@ def load_finished_run(run_dir: Path) -> Run:
         curve.append((float(rec["tokens"]), math.nan if val is None else val))
     return Run(
         path=str(run_dir),
-        arm=cfg.arm,
+        arm=run_label(run_dir, cfg.arm, cfg.training.seed),
         seed=cfg.training.seed,
         final_val_loss=float(summary["final_val_loss"]),
         final_val_ppl=float(summary["final_val_ppl"]),
@@ -218,8 +203,15 @@ def load_and_compare(
     return compare_runs(runs, control_arm)
 
 
-def downstream_table(run_dirs: list[str], control_arm: str) -> tuple[str, dict] | None:
+def downstream_table(
+    run_dirs: list[str], control_arm: str, metric: str = "acc"
+) -> tuple[str, dict] | None:
     """The downstream (Table 2) view when some run has ``megatron-qk eval`` reports.
+
+    Args:
+        run_dirs: the compared run directories, as reached.
+        control_arm: the baseline arm.
+        metric: ``acc`` or ``acc_norm`` (``acc`` where a task has no normalised accuracy).
 
     Returns:
         ``(markdown, data)`` of :func:`~megatron_qk.analysis.eval_table.eval_table`, or None when
@@ -231,7 +223,7 @@ def downstream_table(run_dirs: list[str], control_arm: str) -> tuple[str, dict] 
     if not any(any(Path(d).glob(EVAL_GLOB)) for d in run_dirs):
         return None
     try:
-        markdown, data = eval_table(run_dirs, control_arm)
+        markdown, data = eval_table(run_dirs, control_arm, metric=metric)
     except ValueError as exc:
         raise CompareError(f"downstream table: {exc}") from None
     return (markdown, data) if markdown else None

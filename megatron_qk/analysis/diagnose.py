@@ -166,7 +166,7 @@ def diagnose_checkpoints(
     run_dir: Path,
     out: Path,
     data_prefix: str | None = None,
-    num_sequences: int = 16,
+    num_sequences: int | None = None,
     batch_size: int = 4,
     locality_rank: int | None = None,
     chunk_size: int = 256,
@@ -183,6 +183,9 @@ def diagnose_checkpoints(
     are made once; later checkpoints are loaded into the same model.
 
     Args:
+        num_sequences: held-out sequences of the probes; None: the run's own
+            ``diagnostics.num_sequences`` (128 in the paper recipes), so a checkpoint's probes
+            read the sample the training's diag lines read.
         skip_done: leave out checkpoints whose step ``out`` already holds.
         ablation_sequences: most held-out sequences of the ablation (0: the probes' batches).
         ablation_min_sequences, ablation_target_se, ablations: see :func:`upper_qk_ablation`.
@@ -199,6 +202,8 @@ def diagnose_checkpoints(
     for ckpt in tqdm(checkpoints, desc="diagnose", unit="ckpt", disable=len(checkpoints) < 2):
         if loaded is None:
             loaded = load_checkpoint_for_analysis(ckpt)
+            if num_sequences is None:
+                num_sequences = loaded.cfg.diagnostics.num_sequences
             batches = heldout_batches(loaded, data_prefix, num_sequences, batch_size)
             if ablation_sequences:
                 ablation_batches = heldout_batches(

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_qk.evaluation.suite import PAPER_SUITE, REPORT_FORMAT
+from megatron_qk.rundir.finder import run_label
 from megatron_qk.rundir.layout import EVAL_GLOB, SUMMARY_FILE
 
 TASK_LABELS = {
@@ -104,7 +105,9 @@ def load_run_eval(run_dir: str | Path) -> RunEval | None:
     seed = meta.get("seed", used[0][1].get("seed"))
     if arm is None or seed is None:
         raise ValueError(f"{run_dir}: no arm/seed in summary.json or in {used[0][0].name}")
-    return RunEval(run_dir, str(arm), int(seed), step, [p for p, _ in used], tasks)
+    # A run linked in from another table stands for the arm its link is named for.
+    label = run_label(run_dir, str(arm), int(seed))
+    return RunEval(run_dir, label, int(seed), step, [p for p, _ in used], tasks)
 
 
 def _metrics(entry: dict) -> dict:

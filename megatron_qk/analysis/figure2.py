@@ -55,9 +55,10 @@ def figure2_points(result: dict) -> list[Figure2Point]:
         for r in result["runs"]
         if r["at"] == at and r["final_val_ppl"] is not None
     }
-    entropy = {p["name"]: p["upper_entropy"] for p in result["pairs"] if p["arm"] == CONTROL_ARM}
+    pairs = [p for p in result["pairs"] if p.get("at", at) == at]  # one pair table per --at
+    entropy = {p["name"]: p["upper_entropy"] for p in pairs if p["arm"] == CONTROL_ARM}
     points = []
-    for p in result["pairs"]:
+    for p in pairs:
         if p["arm"] == CONTROL_ARM or entropy.get(p["name"]) is None:
             continue
         reductions = [

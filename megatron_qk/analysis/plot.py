@@ -26,6 +26,7 @@ from pathlib import Path
 
 from megatron_qk.analysis.plot_panels import draw_panel, pyplot, run_styles
 from megatron_qk.config.loader import load_resolved_config
+from megatron_qk.rundir.finder import RunFinderError, find_runs, run_label
 from megatron_qk.rundir.layout import DIAGNOSE_FILE, METRICS_FILE
 from megatron_qk.rundir.runlog import RunLog
 
@@ -72,7 +73,8 @@ def load_run_curves(path: Path) -> RunCurves:
     if not log.has_metrics():
         raise FileNotFoundError(f"{path} is not a run directory: {path / METRICS_FILE} is missing")
     cfg = load_resolved_config(log.config_path)
-    run = RunCurves(path, cfg.arm, cfg.training.seed)
+    # A run linked in from another table is the arm its link names (rundir/finder.py).
+    run = RunCurves(path, run_label(path, cfg.arm, cfg.training.seed), cfg.training.seed)
     run.sharp_threshold = cfg.diagnostics.sharp_entropy_threshold
     run.eval_sequences = cfg.training.eval_iters * cfg.training.global_batch_size
     maturity = [r for r in cfg.optim.rules if r.release == "maturity"]
@@ -127,7 +129,11 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> dict[str, Path]:
         ``{panel name: PNG path}`` plus ``"figure3"`` for the combined figure.
     """
     plt = pyplot()
-    runs = [load_run_curves(Path(p)) for p in run_dirs]
+    try:  # run directories or directories holding them, links followed, each run once
+        found = [r.path for r in find_runs(run_dirs)]
+    except RunFinderError as exc:
+        raise FileNotFoundError(str(exc)) from None
+    runs = [load_run_curves(p) for p in found]
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     for name in PANELS:

@@ -8,19 +8,23 @@ this command reads files only (no torch, no checkpoint).
 
 *Which evaluation is "at 3%".* The ``diag`` line whose step is nearest to ``frac x planned
 steps`` (the earlier one on a tie); its actual step and fraction are printed next to the values.
-With the paper's recipes (evaluations every 24 of 4769 steps) 3% reads step 144 (3.02%) and 20%
-step 960 (20.13%); ``megatron-qk diagnose`` on the ``save_at_fracs`` checkpoints gives the exact
-steps 143 and 954.
+With the paper's recipes (evaluations at round(k x 0.5% x 4769) steps,
+``training.eval_interval_frac``) 3% reads step 143 and 20% step 954, the steps of the
+``save_at_fracs`` checkpoints. A reading more than one evaluation interval from the fraction
+asked for is listed under ``warnings`` (and printed by the command).
 
 Views (each printed when the runs hold what it needs):
 
 * **runs**: one row per run and fraction: lower copy, upper entropy, upper logit, logit ratio,
   sigma_1 of the upper W_Q^T W_K, its displacement from initialisation, upper and first-upper
   FFN write RMS, the release step, the final perplexity (or "stopped" / "running").
-* **pairs** (Tables 3, 4, 6, 7, 9, 10): runs grouped by recipe ``name``; every arm against the
-  group's ``control`` arm (paired by seed, averaged over seeds): final ppl, ppl reduction
-  (control minus arm), final loss difference, and the arm's readouts at the first ``--at``.
-* **relative** (Table 5, Appendix C, Section 5.6): within a ``name`` group, the upper and
+* **pairs** (Tables 3, 4, 6, 7, 9, 10): runs grouped by the directory they were found in (the
+  table, or its architecture pair; a run linked in from another table belongs to the table it
+  is linked into, under the arm its link names, see :mod:`megatron_qk.rundir.finder`); every
+  arm against the group's ``control`` arm (paired by seed, averaged over seeds): final ppl, ppl
+  reduction (control minus arm), final loss difference, and the arm's readouts, one table per
+  ``--at``.
+* **relative** (Table 5, Appendix C, Section 5.6): within a group, the upper and
   first-upper FFN write RMS reduction of each run relative to each other run, ``1 - x / ref``.
 * ``--figure2 PNG``: per group, the ppl reduction against the control's upper entropy at the
   first ``--at`` (Figure 2, right) and the reductions as bars (left); drawn by
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_qk.rundir import finder
 from megatron_qk.rundir.layout import METRICS_FILE
 from megatron_qk.rundir.runlog import RunLog
 
@@ -42,7 +47,8 @@ from megatron_qk.rundir.runlog import RunLog
 COLUMNS = (
     ("lower_copy", "lower copy"),
     ("upper_entropy", "upper entropy"),
-    ("upper_logit", "upper logit"),
+    ("upper_logit", "upper logit RMS"),
+    ("upper_logit_abs", "upper logit mean |z|"),
     ("logit_ratio", "logit ratio"),
     ("upper_qk_sigma", "sigma_1"),
     ("upper_qk_displacement", "displacement"),
@@ -57,20 +63,14 @@ class ReadoutError(ValueError):
 
 
 def find_runs(paths: list[str]) -> list[Path]:
-    """Run directories (holding metrics.jsonl) given or found below the given paths, sorted."""
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if (path / METRICS_FILE).is_file():
-            found.append(path)
-        elif path.is_dir():
-            below = sorted(p.parent for p in path.rglob(METRICS_FILE))
-            if not below:
-                raise ReadoutError(f"{path}: no {METRICS_FILE} in it or below it")
-            found += below
-        else:
-            raise ReadoutError(f"{path}: not a directory")
-    return sorted(dict.fromkeys(found))
+    """Run directories given or found below the given paths (links followed, each run once).
+
+    Through :func:`megatron_qk.rundir.finder.find_runs`, in the order the paths are given.
+    """
+    try:
+        return [run.path for run in finder.find_runs(paths)]
+    except finder.RunFinderError as exc:
+        raise ReadoutError(str(exc)) from None
 
 
 def load_readout_run(run_dir: Path) -> dict:
@@ -78,6 +78,8 @@ def load_readout_run(run_dir: Path) -> dict:
     log = RunLog(run_dir)
     if not log.config_path.is_file():
         raise ReadoutError(f"{run_dir}: no config.yaml")
+    if not log.has_metrics():
+        raise ReadoutError(f"{run_dir}: no {METRICS_FILE}")
     cfg = yaml.safe_load(log.config_path.read_text(encoding="utf-8")) or {}
     try:
         diags = log.diags
@@ -90,11 +92,14 @@ def load_readout_run(run_dir: Path) -> dict:
     for r in log.releases:  # a rule released twice (a replayed log): its first release
         releases.setdefault(r["rule"], {"step": r["step"], "frac": r["frac"]})
     evals = log.evals
+    seed = (cfg.get("training") or {}).get("seed")
     return {
         "path": str(run_dir),
-        "name": cfg.get("name", run_dir.name),
-        "arm": cfg.get("arm", "?"),
-        "seed": (cfg.get("training") or {}).get("seed"),
+        # The directory the run was reached in: runs pair within one table directory, so a
+        # control linked in from another table is this table's control.
+        "name": str(Path(run_dir).parent),
+        "arm": finder.run_label(run_dir, cfg.get("arm", "?"), seed),
+        "seed": seed,
         "planned_steps": planned,
         "diags": diags,
         "releases": releases,
@@ -110,6 +115,12 @@ def _planned_steps(diags: list[dict], run_dir: Path) -> int:
     raise ReadoutError(f"{run_dir}: cannot tell the planned steps (no diag after step 0)")
 
 
+def eval_gap(run: dict) -> int:
+    """The run's evaluation interval: the smallest step between two of its ``diag`` lines."""
+    steps = sorted({d["step"] for d in run["diags"]})
+    return min((b - a for a, b in zip(steps, steps[1:])), default=0)
+
+
 def diag_at(run: dict, frac: float) -> dict | None:
     """The diag line nearest to ``frac`` of the planned steps (earlier on a tie).
 
@@ -119,11 +130,25 @@ def diag_at(run: dict, frac: float) -> dict | None:
     target = frac * run["planned_steps"]
     diags = run["diags"]
     best = min(diags, key=lambda d: (abs(d["step"] - target), d["step"]))
-    steps = sorted(d["step"] for d in diags)
-    gap = min((b - a for a, b in zip(steps, steps[1:]) if b > a), default=0)
-    if best["step"] < target - gap / 2 - 1e-9:
+    if best["step"] < target - eval_gap(run) / 2 - 1e-9:
         return None
     return best
+
+
+def far_reading(run: dict, frac: float, diag: dict | None) -> str | None:
+    """A warning when the diag line read for ``frac`` lies more than one evaluation interval
+    from it (e.g. ``--at 0.2`` of a run that evaluated only at step 0), else None."""
+    if diag is None:
+        return None
+    target = frac * run["planned_steps"]
+    gap = eval_gap(run)
+    if abs(diag["step"] - target) <= max(gap, 1) + 1e-9:
+        return None
+    return (
+        f"{run['path']}: --at {100 * frac:g}% reads the evaluation at step {diag['step']} "
+        f"({100 * diag['step'] / run['planned_steps']:.2f}%), {abs(diag['step'] - target):.0f} "
+        f"steps away: more than one evaluation interval ({gap} steps)"
+    )
 
 
 def final_state(run: dict) -> str:
@@ -169,7 +194,10 @@ def _mean(values: list[float]) -> float | None:
 
 
 def pair_rows(rows: list[dict], at: float) -> list[dict]:
-    """Every arm against its group's control (seed-paired, averaged over seeds)."""
+    """Every arm against its group's control (seed-paired, averaged over seeds) at ``at``.
+
+    The ``name`` of a row is its group: the directory its runs were found in.
+    """
     by_group: dict[str, dict[str, dict]] = {}
     for r in rows:
         if r["at"] == at:
@@ -188,6 +216,7 @@ def pair_rows(rows: list[dict], at: float) -> list[dict]:
             ]
             row = {
                 "name": name,
+                "at": at,
                 "arm": arm,
                 "seeds": seeds,
                 "control_ppl": _mean([control[s]["final_val_ppl"] for s in done]),
@@ -233,14 +262,22 @@ def relative_rows(rows: list[dict], at: float) -> list[dict]:
 
 
 def readout(paths: list[str], fracs: list[float]) -> dict:
-    """The whole command as data (see the module docstring)."""
+    """The whole command as data (see the module docstring).
+
+    ``pairs`` holds the against-the-control rows of every fraction (each with its ``at``);
+    ``warnings`` the readings more than one evaluation interval from the fraction asked for.
+    """
     runs = [load_readout_run(p) for p in find_runs(paths)]
     rows = run_rows(runs, fracs)
+    warnings = [
+        w for run in runs for f in fracs if (w := far_reading(run, f, diag_at(run, f))) is not None
+    ]
     return {
         "at": fracs,
         "runs": rows,
-        "pairs": pair_rows(rows, fracs[0]),
+        "pairs": [p for f in fracs for p in pair_rows(rows, f)],
         "relative": relative_rows(rows, fracs[0]),
+        "warnings": warnings,
     }
 
 
@@ -277,12 +314,16 @@ def format_report(result: dict) -> str:
         cells += [_fmt(r[k]) for k, _ in COLUMNS] + [release, final]
         lines.append("| " + " | ".join(cells) + " |")
     at = _pct(result["at"][0])
-    if result["pairs"]:
-        lines += ["", f"## Against the control (readouts @{at})", ""]
+    for frac in result["at"]:
+        pairs = [p for p in result["pairs"] if p.get("at", frac) == frac]
+        if not pairs:
+            continue
+        here = _pct(frac)
+        lines += ["", f"## Against the control (readouts @{here})", ""]
         head = ["group", "arm", "seeds", "final ppl", "PPL reduction", "Δ loss", "release"]
-        head += [f"{h} @{at}" for k, h in COLUMNS if k != "first_upper_ffn_write_rms"]
+        head += [f"{h} @{here}" for k, h in COLUMNS if k != "first_upper_ffn_write_rms"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for p in result["pairs"]:
+        for p in pairs:
             cells = [p["name"], p["arm"], " ".join(map(str, p["seeds"])), _fmt(p["final_ppl"])]
             cells += [_fmt(p["ppl_reduction"]), _fmt(p["loss_difference"]), _pct(p["release_frac"])]
             cells += [_fmt(p[k]) for k, _ in COLUMNS if k != "first_upper_ffn_write_rms"]

@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import yaml
+
 from megatron_qk.analysis.replay import (
     DEFAULT_RULE,
     TABLE8_VARIANTS,
@@ -21,6 +23,7 @@ from megatron_qk.analysis.replay import (
 )
 from megatron_qk.config.loader import load_resolved_config
 from megatron_qk.optim.release import ENTROPY_FLOOR_NAME
+from megatron_qk.rundir.finder import RunFinderError, find_runs, run_label
 from megatron_qk.rundir.runlog import RunLog
 
 
@@ -137,6 +140,39 @@ def read_replay_input(path: str | Path) -> ReplayInput:
         default_rule=default,
         config_path=None if config_path is None else str(config_path),
     )
+
+
+def replay_paths(paths: list[str], arm: str | None = None) -> list[str]:
+    """The metrics files and run directories to replay: a file as given, a directory through
+    the run finder (links followed, each run once), keeping only runs of ``arm`` when given
+    (the arm a run stands for where it was reached, e.g. Table 1's ``intervention``).
+
+    Raises:
+        ReplayError: for a path that cannot be searched, or no run of ``arm``.
+    """
+    out: list[str] = []
+    for raw in paths:
+        if Path(raw).is_file():
+            out.append(raw)
+            continue
+        try:
+            found = find_runs([raw])
+        except RunFinderError as exc:
+            raise ReplayError(str(exc)) from None
+        for run in found:
+            if arm is None or _arm_of(run.path) == arm:
+                out.append(str(run.path))
+    if not out:
+        raise ReplayError(f"no run of arm {arm!r} in {', '.join(paths)}")
+    return out
+
+
+def _arm_of(run_dir: Path) -> str | None:
+    config = RunLog(run_dir).config_path
+    if not config.is_file():
+        return None
+    cfg = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    return run_label(run_dir, cfg.get("arm"), (cfg.get("training") or {}).get("seed"))
 
 
 def resolve_settings(

@@ -44,6 +44,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatron_qk.cli.export",
         "write a checkpoint as a transformers model or a stock Megatron-Core checkpoint",
     ),
+    "table": (
+        "megatron_qk.cli.table",
+        "train or link every run of a paper table, then print its tables (run_table.sh)",
+    ),
     "readout": (
         "megatron_qk.cli.readout",
         "the paper's @3%/@20% readout columns, per-table views and Figure 2 from run directories",

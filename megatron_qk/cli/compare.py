@@ -32,6 +32,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help=f"arm the others are compared with (default {DEFAULT_CONTROL})",
     )
     parser.add_argument(
+        "--metric",
+        choices=("acc", "acc_norm"),
+        default="acc",
+        help="accuracy the downstream table (Table 2) shows: acc, or acc_norm (length-normalised;"
+        " acc for tasks without it); eval.json holds both (default acc)",
+    )
+    parser.add_argument(
         "--allow-different-data",
         action="store_true",
         help="pair runs even when their summary.json data_order (training order and "
@@ -49,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     text = format_table(result)
     try:
         downstream = downstream_table(
-            [r for a in result["arms"].values() for r in a["runs"]], args.control
+            [r for a in result["arms"].values() for r in a["runs"]], args.control, args.metric
         )
     except CompareError as exc:  # Table 1 stands on its own; say why Table 2 is missing
         downstream = None

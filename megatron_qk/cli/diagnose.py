@@ -36,7 +36,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="diagnose every checkpoint of the run (for the ablation-over-training panel)",
     )
-    parser.add_argument("--num-sequences", type=int, default=16, help="held-out sequences")
+    parser.add_argument(
+        "--num-sequences",
+        type=int,
+        default=None,
+        help="held-out sequences of the probes (default: the run's diagnostics.num_sequences, "
+        "the sample its training diag lines read: 128 in the paper recipes)",
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
     parser.add_argument(
         "--ablation-sequences",
@@ -75,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from megatron_qk.analysis.diagnose import diagnose_checkpoints
     from megatron_qk.training.distributed import teardown_distributed
 
-    if min(args.num_sequences, args.batch_size, args.ablation_sequences) < 1:
+    sizes = (args.num_sequences or 1, args.batch_size, args.ablation_sequences)
+    if min(sizes) < 1:
         raise SystemExit("megatron-qk diagnose: --num-sequences and --batch-size must be >= 1")
     try:
         ckpt, run_dir = resolve_checkpoint(args.checkpoint)

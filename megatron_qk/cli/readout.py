@@ -25,7 +25,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="training fraction to read (repeatable; default 0.03)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
-    parser.add_argument("--figure2", metavar="PNG", help="plot Figure 2 over the name groups")
+    parser.add_argument(
+        "--figure2",
+        metavar="PNG",
+        help="plot Figure 2 over the groups (the table directories the runs were found in)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     except ReadoutError as exc:
         print(f"megatron-qk readout: error: {exc}", file=sys.stderr)
         return 2
+    for warning in result["warnings"]:
+        print(f"megatron-qk readout: warning: {warning}", file=sys.stderr)
     print(format_report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -12,7 +12,7 @@ import sys
 
 from megatron_qk.analysis.replay_aggregate import aggregate_variants
 from megatron_qk.analysis.replay_format import format_aggregate, format_report
-from megatron_qk.analysis.replay_log import replay_run
+from megatron_qk.analysis.replay_log import replay_paths, replay_run
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +21,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "metrics",
         nargs="+",
         metavar="METRICS.jsonl",
-        help="a run's metrics.jsonl (or dir); several runs (e.g. seeds) are replayed one by one "
-        "and --variants aggregates them like Table 8",
+        help="a run's metrics.jsonl, its run directory, or a directory holding runs (links "
+        "followed); several runs (e.g. seeds) are replayed one by one and --variants aggregates "
+        "them like Table 8",
+    )
+    parser.add_argument(
+        "--arm", help="replay only the runs of this arm (e.g. intervention of a table directory)"
     )
     parser.add_argument("--threshold", type=float, help="lower-copy threshold (absolute mode)")
     parser.add_argument(
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         "max_frac": args.max_frac,
     }
     try:
-        results = [replay_run(m, args.rule, overrides, args.variants) for m in args.metrics]
+        paths = replay_paths(args.metrics, args.arm)
+        results = [replay_run(m, args.rule, overrides, args.variants) for m in paths]
     except ValueError as exc:  # ReplayError, or an invalid setting refused by the controller
         print(f"megatron-qk replay-release: error: {exc}", file=sys.stderr)
         return 2

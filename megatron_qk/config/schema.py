@@ -72,7 +72,8 @@ class ExperimentConfig:
                 f"{t.micro_batch_size}",
             )
         needs_maturity = any(r.release == "maturity" for r in self.optim.rules)
-        if (needs_maturity or self.optim.entropy_floor.enabled) and t.eval_interval == 0:
+        periodic = t.eval_interval > 0 or t.eval_interval_frac is not None
+        if (needs_maturity or self.optim.entropy_floor.enabled) and not periodic:
             raise ConfigError(
                 "training.eval_interval",
                 "maturity release reads the lower-copy score at evaluations: must be > 0",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 #: Order of the statistics in :func:`layer_statistics`' output.
-STATS = ("copy", "entropy", "logit")
+STATS = ("copy", "entropy", "logit", "logit_abs")
 
 
 def previous_occurrence(tokens: torch.Tensor) -> torch.Tensor:
@@ -82,13 +82,14 @@ def layer_statistics(
         chunk_size: query rows per chunk (bounds memory at ``b*np*chunk*s`` floats).
 
     Returns:
-        float64 ``[np, 3, 2]``: per head, rows :data:`STATS`, columns (sum, count). The logit
-        row sums squared logits (take the square root of the mean).
+        float64 ``[np, len(STATS), 2]``: per head, rows :data:`STATS`, columns (sum, count).
+        The ``logit`` row sums squared logits (take the square root of the mean: the RMS), the
+        ``logit_abs`` row their absolute values (the mean |z|).
     """
     s, _, heads, _ = query.shape
     key = _expand_groups(key, heads)
     prev = previous_occurrence(tokens)  # [b, s]
-    out = torch.zeros(heads, 3, 2, dtype=torch.float64, device=query.device)
+    out = torch.zeros(heads, len(STATS), 2, dtype=torch.float64, device=query.device)
     for start in range(0, s, chunk_size):
         rows = slice(start, min(s, start + chunk_size))
         logits = _causal_rows(query, key, scale, rows)  # [b, h, r, s]
@@ -110,9 +111,14 @@ def layer_statistics(
         out[:, 1, 1] += float(ent.shape[0] * int(use.sum()))
         # Logit RMS over causal pairs.
         finite = torch.isfinite(logits)
-        squares = torch.where(finite, logits, torch.zeros_like(logits)).pow(2)
-        out[:, 2, 0] += squares.sum(dim=(0, 2, 3)).double()
-        out[:, 2, 1] += finite.sum(dim=(0, 2, 3)).double()
+        kept = torch.where(finite, logits, torch.zeros_like(logits))
+        pairs = finite.sum(dim=(0, 2, 3)).double()
+        out[:, 2, 0] += kept.pow(2).sum(dim=(0, 2, 3)).double()
+        out[:, 2, 1] += pairs
+        # Mean |z| beside the RMS: the RMS weighs the few large logits of a sharp head most,
+        # the mean |z| the bulk (docs/REPRODUCTION.md, Table 10's logit column).
+        out[:, 3, 0] += kept.abs().sum(dim=(0, 2, 3)).double()
+        out[:, 3, 1] += pairs
     return out
 
 

@@ -277,11 +277,12 @@ class AttentionRecorder:
             Aggregates (``lower_copy``, ``lower_copy_uniform`` (the copy score of uniform
             causal attention on the same positions), ``upper_copy``, ``upper_entropy``,
             ``lower_entropy``,
-            ``upper_logit``, ``lower_logit``, ``logit_ratio``, ``upper_ffn_write_rms``,
+            ``upper_logit``, ``lower_logit`` (RMS of the scaled logits), ``upper_logit_abs``,
+            ``lower_logit_abs`` (their mean |z|), ``logit_ratio``, ``upper_ffn_write_rms``,
             ``first_upper_ffn_write_rms``, ``lower_ffn_write_rms``, ``upper_qk_sigma``,
             ``upper_qk_sigma_max``, ``upper_qk_displacement``) and ``layers: {layer_number:
-            {copy, entropy, logit, ffn_write_rms, qk_sigma, [qk_displacement], heads: {name:
-            [value per global head]}}}``; identical on every rank.
+            {copy, entropy, logit, logit_abs, ffn_write_rms, qk_sigma, [qk_displacement],
+            heads: {name: [value per global head]}}}``; identical on every rank.
         """
         L, H = self.num_layers, self.num_heads
         attn = torch.zeros(L, H, len(STATS), 2, dtype=torch.float64, device=device)
@@ -362,6 +363,8 @@ def _build_record(attn: torch.Tensor, ffn: torch.Tensor, weights: torch.Tensor) 
         "lower_entropy": pooled(lower, 1),
         "upper_logit": pooled(upper, 2),
         "lower_logit": pooled(lower, 2),
+        "upper_logit_abs": pooled(upper, 3),
+        "lower_logit_abs": pooled(lower, 3),
     }
     record["logit_ratio"] = (
         record["upper_logit"] / record["lower_logit"] if record["lower_logit"] else float("nan")

@@ -148,6 +148,10 @@ class ReleaseController:
         self.patience = int(patience)
         self.min_frac = float(min_frac)
         self.max_frac = float(max_frac)
+        # The first evaluation that counts is the one at the step nearest min_frac (halves up:
+        # the rounding of save_at_fracs and of training.eval_interval_frac's grid), so the
+        # paper's evaluation "at 3%" (step round(0.03 x 4769) = 143, 2.9985%) counts.
+        self.min_step = math.floor(self.min_frac * self.planned_steps + 0.5)
         self.release_frac = None if release_frac is None else float(release_frac)
         # Python's round (half to even), as specified: round(ramp_frac * planned_steps).
         self.ramp_steps = int(round(ramp_frac * self.planned_steps))
@@ -261,10 +265,11 @@ class ReleaseController:
         ``lower_copy_uniform`` (the uniform-attention baseline on the same positions) is needed
         by ``over_uniform`` rules; without it their score is NaN and never counts.
 
-        Only ``maturity`` rules react. Evaluations outside ``[min_frac, max_frac]`` neither
-        count nor reset. A score below the threshold, or NaN (no valid repeated-token
-        position), resets the count. A second observation at an already observed step is
-        ignored, so re-running an evaluation after a resume cannot count twice.
+        Only ``maturity`` rules react. Evaluations before the step nearest ``min_frac`` (halves
+        up) or after ``max_frac`` neither count nor reset. A score below the threshold, or NaN
+        (no valid repeated-token position), resets the count. A second observation at an
+        already observed step is ignored, so re-running an evaluation after a resume cannot
+        count twice.
 
         Returns:
             The release event when this evaluation completes the patience, else None.
@@ -273,7 +278,7 @@ class ReleaseController:
             return None
         if self.last_observed_step is not None and step <= self.last_observed_step:
             return None
-        if frac < self.min_frac - _FRAC_EPS or frac > self.max_frac + _FRAC_EPS:
+        if step < self.min_step or frac > self.max_frac + _FRAC_EPS:
             return None
         self.last_observed_step = int(step)
         score = self.maturity_score(lower_copy, lower_copy_uniform)

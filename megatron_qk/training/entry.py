@@ -20,6 +20,7 @@ from megatron_qk.training.distributed import (
     teardown_distributed,
     world_size_from_env,
 )
+from megatron_qk.training.eval_plan import evaluation_steps
 from megatron_qk.training.loop import NonFiniteLossError, Trainer
 from megatron_qk.training.preemption import PREEMPTED_EXIT_CODE, PreemptedError, PreemptionWatch
 from megatron_qk.training.preflight import preflight
@@ -123,6 +124,8 @@ def dry_run(cfg: ExperimentConfig) -> dict:
         "planned_tokens": cfg.planned_steps() * cfg.tokens_per_step(),
         # Every step an uninterrupted run saves a checkpoint at (interval, save_at_fracs, end).
         "checkpoint_steps": planned_checkpoint_steps(cfg),
+        # Every step an uninterrupted run evaluates at (and reads its diagnostics at).
+        "evaluation_steps": evaluation_steps(cfg),
         "end_step": end_step(cfg),
         "layout": {
             "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,

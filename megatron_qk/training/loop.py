@@ -37,6 +37,7 @@ from megatron_qk.training.callbacks.sharp_entropy import SharpEntropyEvent
 from megatron_qk.training.data import build_datasets, micro_batches
 from megatron_qk.training.data_order import data_order_hash
 from megatron_qk.training.distributed import ParallelInfo
+from megatron_qk.training.eval_plan import evaluates_periodically, should_evaluate
 from megatron_qk.training.run_dir import write_summary
 from megatron_qk.training.sinks import MetricsSinks, ProgressBar
 from megatron_qk.training.throughput import ThroughputMeter
@@ -304,7 +305,7 @@ class Trainer:
 
     def run(self) -> dict:
         """Train to the planned step (or ``exit_after_steps``) and return the summary."""
-        cfg, info, t = self.cfg, self.info, self.cfg.training
+        cfg, info = self.cfg, self.info
         run_files.claim(cfg, info, self.run_dir)
         resumed = self.maybe_resume()
         if resumed and self.step >= self.end_step:
@@ -330,7 +331,7 @@ class Trainer:
             self._bar.close()
             self._sinks.close()
             self._bar = self._sinks = None
-        if self.step == self.end_step and self.last_eval is None and t.eval_interval:
+        if self.step == self.end_step and self.last_eval is None and evaluates_periodically(cfg):
             # Resumed from the final checkpoint of a run killed before its summary was written.
             self.evaluate()
         summary = self.summary()
@@ -343,7 +344,7 @@ class Trainer:
         stop_at = self.end_step
         if t.exit_after_steps is not None:
             stop_at = min(stop_at, self.step + t.exit_after_steps)
-        if self.step == 0 and t.eval_interval:
+        if self.step == 0 and evaluates_periodically(cfg):
             self._evaluate_and_announce()
         while self.step < stop_at:
             record = self.train_step()
@@ -351,7 +352,7 @@ class Trainer:
                 self.log(record)
             self._bar.update(record["loss"], record["tokens_per_second"], record["lr"])
             is_last = self.step == self.end_step
-            if is_last or (t.eval_interval and self.step % t.eval_interval == 0):
+            if is_last or should_evaluate(cfg, self.step):
                 self._evaluate_and_announce()
             if checkpoint_plan.is_save_step(cfg, self.step) and self.step != stop_at:
                 self.save()

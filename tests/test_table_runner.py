@@ -1,0 +1,69 @@
+"""``megatron-qk table``: the plan (every distinct run once, relabelled runs shared unless
+``--separate``, GPU-hours by formula) and a table that cannot be produced failing with the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_run_finder import make_run
+
+from megatron_qk.analysis.table_plan import build_plan, gpu_hours
+from megatron_qk.cli import main
+from megatron_qk.config.loader import load_config
+from megatron_qk.models.flops import flops_per_token
+
+RECIPE = "base: tiny\nname: {name}\narm: {arm}\ntraining:\n  train_steps: 10\n  eval_interval: 2\n"
+RULE = "optim:\n  rules:\n    - name: upper_qk\n"
+
+
+def _table(root: Path, name: str, arms: list[str], seeds: str = "1") -> Path:
+    table = root / name
+    table.mkdir(parents=True)
+    (table / "seeds").write_text(seeds + "\n")
+    for arm in arms:
+        rule = RULE if arm in ("intervention", "adaptive") else ""
+        (table / f"{arm}.yaml").write_text(RECIPE.format(name=name, arm=arm) + rule)
+    return table
+
+
+def test_plan_shares_relabelled_runs_unless_separate(tmp_path):
+    first = _table(tmp_path, "first", ["control", "intervention"])
+    second = _table(tmp_path, "second", ["adaptive", "control"])
+    plan = build_plan([first, second])
+    shared = {r.out: r.shared_with for r in plan if r.shared_with}
+    assert shared == {
+        "runs/second/adaptive-s1": "runs/first/intervention-s1",
+        "runs/second/control-s1": "runs/first/control-s1",
+    }
+    # Same recipe apart from the label: shared by default, two runs with --separate.
+    separate = {r.out: r.shared_with for r in build_plan([first, second], separate=True)}
+    assert separate["runs/second/adaptive-s1"] is None
+    assert separate["runs/second/control-s1"] == "runs/first/control-s1"
+    # Cost by formula: 10 steps x 8 x 64 tokens x FLOPs/token + 6 evaluations (0, 2, ..., 10) of
+    # 2 batches of 8 x 64 tokens, forward only (a third).
+    cfg = load_config("tiny", [])
+    fpt = flops_per_token(cfg.model, 50304)
+    assert plan[0].flops == pytest.approx(10 * 512 * fpt + 6 * 2 * 512 * fpt / 3, rel=1e-12)
+    assert gpu_hours(0.4 * 989e12 * 3600, 0.4, 989) == pytest.approx(1.0)
+
+
+def test_plan_of_every_paper_table(capsys):
+    assert main(["table", "all", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "34 distinct runs; 14 linked" in out
+    assert "runs/table9_fixed_release/adaptive-s1 -> runs/table1_gpt270m/intervention-s1" in out
+    assert "| table11_gpt0.7b | 132.6 |" in out and "| all | 212.3 |" in out
+
+
+def test_a_table_that_cannot_be_produced_fails_with_the_reason(tmp_path, capsys):
+    table = _table(tmp_path, "tbl", ["control", "intervention"])
+    runs = tmp_path / "runs"
+    for arm, seed in (("control", 1), ("intervention", 1), ("control", 2)):
+        make_run(runs / "tbl", arm, seed)
+    rc = main(["table", str(table), "--runs-dir", str(runs)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "`megatron-qk compare" in err and "failed (exit 2)" in err
+    assert "unpaired seed" in err
