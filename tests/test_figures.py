@@ -109,8 +109,8 @@ def test_plot_command_writes_the_loss_panel(runs, tmp_path):
 def test_figure2_shows_the_seed_count_and_the_spread(tmp_path):
     ppl = {("control", 1): 300.0, ("control", 2): 310.0, ("intervention", 1): 290.0,
            ("intervention", 2): 306.0}  # fmt: skip
-    for (arm, seed), final in ppl.items():
-        write_run(tmp_path, arm, DIAG, seed=seed, final_ppl=final)
+    for (arm, seed), final in ppl.items():  # one group: the directory "pair"
+        write_run(tmp_path / "pair", arm, DIAG, seed=seed, final_ppl=final)
     result = readout([str(tmp_path)], [0.03])
     fig, (left, right) = draw_figure2(result)
     reductions = [300.0 - 290.0, 310.0 - 306.0]

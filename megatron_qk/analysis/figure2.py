@@ -44,7 +44,10 @@ class Figure2Point:
         """Tick / annotation label: the group (and the arm when not ``intervention``), n."""
         arm = "" if self.arm == "intervention" else f" / {self.arm}"
         n = len(self.reductions)
-        return f"{self.name}{arm} (n={n} seed{'s' if n != 1 else ''})"
+        # A group is the directory its runs were found in (readout.pair_rows): its last part
+        # names it (runs/table3_components/gpt -> "gpt").
+        group = Path(self.name).name or self.name
+        return f"{group}{arm} (n={n} seed{'s' if n != 1 else ''})"
 
 
 def figure2_points(result: dict) -> list[Figure2Point]:
