@@ -380,7 +380,7 @@ def test_progress_bar_is_throttled_when_stderr_is_not_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     bar = ProgressBar(True, total=1000, initial=0, desc="x")
     try:
-        assert bar._bar.mininterval == 30.0
+        assert bar.interval == 30.0
     finally:
         bar.close()
 

@@ -34,6 +34,7 @@ from megatron_qk.training import checkpoint_plan, losses, run_files
 from megatron_qk.training.callbacks.base import Callback
 from megatron_qk.training.callbacks.defaults import default_callbacks
 from megatron_qk.training.callbacks.sharp_entropy import SharpEntropyEvent
+from megatron_qk.training.console import StepLog
 from megatron_qk.training.data import build_datasets, micro_batches
 from megatron_qk.training.data_order import data_order_hash
 from megatron_qk.training.distributed import ParallelInfo
@@ -108,6 +109,7 @@ class Trainer:
         self.callbacks = default_callbacks(cfg, info) if callbacks is None else list(callbacks)
         self._sinks: MetricsSinks | None = None
         self._bar: ProgressBar | None = None
+        self._step_log: StepLog | None = None
 
     def add_callback(self, callback: Callback) -> None:
         """Append a callback (its hooks run after the others')."""
@@ -313,6 +315,7 @@ class Trainer:
         run_files.start_metrics(cfg, info, self.run_dir, self.step if resumed else None)
         self._sinks = run_files.open_sinks(cfg, info, self.run_dir)
         self._bar = run_files.open_progress_bar(cfg, info, self.planned_steps, self.step)
+        self._step_log = run_files.open_step_log(cfg, info, self.end_step, self.step)
         if resumed:
             self.announce(f"resumed from step {self.step} ({self.consumed_samples} samples)")
         start_step = self.step
@@ -347,7 +350,8 @@ class Trainer:
             record = self.train_step()
             if self.step % t.log_interval == 0 or self.step == stop_at:
                 self.log(record)
-            self._bar.update(record["loss"], record["tokens_per_second"], record["lr"])
+                self._step_log.print(record)
+            self._bar.update(record)
             is_last = self.step == self.end_step
             if is_last or (t.eval_interval and self.step % t.eval_interval == 0):
                 self._evaluate_and_announce()
