@@ -42,8 +42,8 @@ def _record(step: int, loss: float) -> dict:
 
 
 def _drawn_lines(stream: FileStream) -> list[str]:
-    # tqdm writes '\r' + the bar for every draw; in a file each draw is one line of the log.
-    return [x for x in stream.getvalue().split("\r") if "step" in x]
+    # On a terminal tqdm writes '\r' + the bar for every draw; in a file every draw is a line.
+    return [x for x in re.split("[\r\n]", stream.getvalue()) if "step" in x]
 
 
 def test_bar_in_a_file_redraws_once_per_30_seconds_with_the_counted_steps_loss():
@@ -54,14 +54,15 @@ def test_bar_in_a_file_redraws_once_per_30_seconds_with_the_counted_steps_loss()
         clock.now += 1.0  # one second per step: 200 s in all
         bar.update(_record(step, loss=float(step)))
     bar.close()
-    lines = _drawn_lines(stream)
-    # The opening draw, one per 30 s of the 200 (steps 30, 60, ..., 180), the closing draw.
-    assert len(lines) == 1 + 6 + 1, lines
-    for line in lines[1:]:
+    lines = stream.getvalue().splitlines()
+    # One whole line per 30 s of the 200 (steps 30, 60, ..., 180), one at the close.
+    assert len(lines) == 6 + 1, lines
+    assert "\r" not in stream.getvalue()
+    for line in lines:
         count = int(re.search(r"(\d+)/200", line).group(1))
         assert f"loss={count:.4f}" in line, line  # the loss of the step the bar counts
         assert "mfu=12.5%" in line
-    assert re.search(r"\b30/200", lines[1]) and re.search(r"\b200/200", lines[-1])
+    assert re.search(r"\b30/200", lines[0]) and re.search(r"\b200/200", lines[-1])
 
 
 def test_bar_on_a_terminal_redraws_every_half_second_of_the_clock():

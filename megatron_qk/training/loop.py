@@ -34,6 +34,7 @@ from megatron_qk.training import checkpoint_plan, losses, run_files
 from megatron_qk.training.callbacks.base import Callback
 from megatron_qk.training.callbacks.defaults import default_callbacks
 from megatron_qk.training.callbacks.sharp_entropy import SharpEntropyEvent
+from megatron_qk.training.checkpoint_settings import model_settings
 from megatron_qk.training.console import StepLog
 from megatron_qk.training.data import build_datasets, micro_batches
 from megatron_qk.training.data_order import data_order_hash
@@ -41,6 +42,7 @@ from megatron_qk.training.distributed import ParallelInfo
 from megatron_qk.training.run_dir import write_summary
 from megatron_qk.training.sinks import MetricsSinks, ProgressBar
 from megatron_qk.training.throughput import ThroughputMeter
+from megatron_qk.training.warm_start import load_initial_weights
 from megatron_qk.training.wrapping import attach_schedule_hooks, wrap_for_training
 
 logger = logging.getLogger(__name__)
@@ -271,6 +273,7 @@ class Trainer:
                 consumed_samples=self.consumed_samples,
                 scheduler=self.scheduler.state_dict(),
                 extra={cb.state_key: cb.state_dict() for cb in self.callbacks if cb.state_key},
+                model_settings=model_settings(self.cfg.model),
             ),
         )
         self.saved_step = self.step
@@ -292,7 +295,11 @@ class Trainer:
         if path is None:
             return False
         state = ckpt.load_checkpoint(
-            path, self.model_chunks, self.optimizer, seed=self.cfg.training.seed
+            path,
+            self.model_chunks,
+            self.optimizer,
+            seed=self.cfg.training.seed,
+            expected_model=model_settings(self.cfg.model),
         )
         self.scheduler.load_state_dict(state.scheduler)
         self.step, self.consumed_samples = state.step, state.consumed_samples
@@ -307,6 +314,7 @@ class Trainer:
         cfg, info, t = self.cfg, self.info, self.cfg.training
         run_files.claim(cfg, info, self.run_dir)
         resumed = self.maybe_resume()
+        warm_start = None if resumed or not t.init_checkpoint else load_initial_weights(self)
         if resumed and self.step >= self.end_step:
             summary = run_files.finished_summary(self.run_dir)
             if summary is not None:
@@ -318,6 +326,8 @@ class Trainer:
         self._step_log = run_files.open_step_log(cfg, info, self.end_step, self.step)
         if resumed:
             self.announce(f"resumed from step {self.step} ({self.consumed_samples} samples)")
+        elif warm_start:
+            self.announce(warm_start)
         start_step = self.step
         try:
             for cb in self.callbacks:

@@ -7,6 +7,7 @@ dropped first so the file reads as one uninterrupted run.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -143,14 +144,23 @@ class MetricsSinks:
             self._wandb = None
 
 
+class _Discard(io.StringIO):
+    """tqdm's own output in a file: discarded (the bar writes whole lines there itself)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
 class ProgressBar:
     """Rank-0 tqdm bar showing loss, tokens/s, MFU, lr and ETA (tqdm computes the ETA).
 
-    The bar throttles its own redraws: tqdm never draws on :meth:`update` (its ``mininterval``
-    is infinite), the bar redraws when ``interval`` seconds of ``clock`` have passed since the
-    last draw: 0.5 s on a terminal, 30 s in a file (SLURM logs), where every redraw is a line.
-    The postfix is set without a redraw before the step is counted, so every drawn line shows
-    the loss of the step it counts.
+    The bar times its own redraws: tqdm never draws on :meth:`update` (its ``mininterval`` is
+    infinite); the bar redraws when ``interval`` seconds of ``clock`` have passed since the
+    last draw. On a terminal (0.5 s) tqdm redraws in place. In a file (a SLURM log; 30 s) every
+    redraw is one whole line, so it sits between the per-interval lines of
+    :class:`~megatron_qk.training.console.StepLog` instead of running into them. The postfix
+    is set without a redraw before the step is counted, so every drawn bar shows the loss of
+    the step it counts.
 
     Args:
         enabled: draw a bar (False: :meth:`write` logs lines instead, on the logging rank).
@@ -176,8 +186,9 @@ class ProgressBar:
         # Only the logging rank logs lines when the bar is off (other ranks would repeat them).
         self._log_lines = log_lines
         self._clock = clock
-        stream = sys.stderr if stream is None else stream
-        self.interval = 0.5 if stream.isatty() else 30.0
+        self._stream = sys.stderr if stream is None else stream
+        self._in_place = self._stream.isatty()
+        self.interval = 0.5 if self._in_place else 30.0
         if enabled:
             from tqdm import tqdm
 
@@ -186,14 +197,21 @@ class ProgressBar:
                 initial=initial,
                 desc=desc,
                 unit="step",
-                dynamic_ncols=True,
-                file=stream,
+                dynamic_ncols=self._in_place,
+                ncols=None if self._in_place else 120,
+                file=self._stream if self._in_place else _Discard(),
                 # Never on update(): the redraws are timed here. miniters=1 keeps tqdm's monitor
                 # thread from forcing a redraw of its own.
                 mininterval=math.inf,
                 miniters=1,
             )
         self._last_draw = clock()
+
+    def _draw(self) -> None:
+        if self._in_place:
+            self._bar.refresh()
+        else:
+            print(str(self._bar), file=self._stream, flush=True)
 
     def update(self, record: dict) -> None:
         """Count one step (its ``train`` record) and redraw if the interval has passed."""
@@ -207,7 +225,7 @@ class ProgressBar:
         self._bar.update(1)
         now = self._clock()
         if now - self._last_draw >= self.interval:
-            self._bar.refresh()
+            self._draw()
             self._last_draw = now
 
     def write(self, text: str) -> None:
@@ -220,4 +238,6 @@ class ProgressBar:
     def close(self) -> None:
         """Close the bar (its final state is drawn once)."""
         if self._bar is not None:
+            if not self._in_place:
+                self._draw()
             self._bar.close()
