@@ -19,6 +19,7 @@ from megatron_qk.evaluation.suite import EvalError
 from megatron_qk.export.checkpoint_export import export_checkpoint
 from megatron_qk.export.hf import ExportError
 from megatron_qk.rundir.cli_args import add_checkpoint_argument
+from megatron_qk.training.checkpoint_settings import CheckpointMismatchError
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +46,13 @@ def run(args: argparse.Namespace) -> int:
         summary = export_checkpoint(
             args.checkpoint, Path(args.out), args.format, args.step, args.tokenizer
         )
-    except (FileNotFoundError, ExportError, TokenizerError, EvalError) as e:
+    except (
+        FileNotFoundError,
+        ExportError,
+        TokenizerError,
+        EvalError,
+        CheckpointMismatchError,
+    ) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1
     print(f"export: wrote {args.format} step {summary['step']} to {args.out}")

@@ -208,7 +208,6 @@ def load_checkpoint(
             first that differs).
     """
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.core import CheckpointingException
 
     if not is_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a megatron-qk checkpoint (no {TRAIN_STATE_FILE})")
@@ -227,10 +226,11 @@ def load_checkpoint(
     check_dist_checkpoint(path)  # before Megatron's loader unpickles anything from it
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
-    except (CheckpointingException, KeyError) as exc:
-        if "shape mismatch" not in str(exc) and "not in state dict" not in str(exc):
+    except BaseException as exc:  # torch DCP wraps Megatron's error in a BaseException
+        mismatch = shape_mismatch_error(path, source, exc)
+        if mismatch is None:
             raise
-        raise shape_mismatch_error(path, source, exc) from exc
+        raise mismatch from exc
     check_extra_states(loaded, path)  # before TE's set_extra_state could unpickle any of it
     bare = [unwrap_model(m) for m in model_chunks]
     if len(bare) == 1:

@@ -68,11 +68,26 @@ def check_model_settings(
             )
 
 
-def shape_mismatch_error(checkpoint: Path, source: str, exc: Exception) -> CheckpointMismatchError:
-    """The loader's shape error for a checkpoint that records no settings, explained."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return CheckpointMismatchError(
-        "model",
-        f"checkpoint {checkpoint.name} ({checkpoint}) does not fit the model {source} "
-        f"describes (it was trained with another recipe): {first[:300]}",
-    )
+def _messages(exc: BaseException):
+    yield str(exc)
+    # torch.distributed.checkpoint's CheckpointException keeps each rank's own exception.
+    for failure in getattr(exc, "failures", {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, BaseException):
+            yield from _messages(inner)
+
+
+def shape_mismatch_error(
+    checkpoint: Path, source: str, exc: BaseException
+) -> CheckpointMismatchError | None:
+    """The loader's shape error for a checkpoint that records no settings, explained (None when
+    ``exc`` is no shape or key mismatch)."""
+    for message in _messages(exc):
+        for line in message.splitlines():
+            if "shape mismatch" in line or "not in state dict" in line:
+                return CheckpointMismatchError(
+                    "model",
+                    f"checkpoint {checkpoint.name} ({checkpoint}) does not fit the model "
+                    f"{source} describes (it was trained with another recipe): {line[:300]}",
+                )
+    return None
