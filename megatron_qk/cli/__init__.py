@@ -39,6 +39,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatron_qk.cli.export",
         "write a checkpoint as a transformers model or a stock Megatron-Core checkpoint",
     ),
+    "sample": (
+        "megatron_qk.cli.sample",
+        "generate text from a checkpoint (greedy, or top-k / top-p sampling)",
+    ),
     "readout": (
         "megatron_qk.cli.readout",
         "the paper's @3%%/@20%% readout columns, per-table views and Figure 2 from run directories",
