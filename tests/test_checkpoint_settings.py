@@ -120,3 +120,24 @@ def test_init_checkpoint_of_another_recipe_or_a_missing_one_is_refused(trained, 
         )
     with pytest.raises(ConfigError, match="training.init_checkpoint: checkpoint .* does not exist"):
         train_from_config(tiny(tmp_path / "c", f"training.init_checkpoint={tmp_path / 'none'}"))
+
+
+def test_runs_started_before_init_checkpoint_existed_still_resume(tmp_path):
+    """The identity hash leaves the new key out while it is null, so the hash recorded by a run
+    started before the key existed still matches."""
+    import copy
+
+    from megatron_qk.config.loader import config_to_dict
+    from megatron_qk.training.run_dir import RESUME_FREE_KEYS
+    from megatron_qk.training.run_identity import claim_run_dir, read_identity, recipe_hash
+
+    cfg = tiny(tmp_path / "r")
+    (tmp_path / "r").mkdir()
+    claim_run_dir(tmp_path / "r", cfg)
+    before = copy.deepcopy(config_to_dict(cfg))
+    del before["training"]["init_checkpoint"]  # the recipe as the older code saw it
+    old_hash = recipe_hash(before, RESUME_FREE_KEYS | {"training.output_dir"})
+    assert read_identity(tmp_path / "r")["recipe_sha256"] == old_hash
+    warm = tiny(tmp_path / "r", "training.init_checkpoint=somewhere")
+    with pytest.raises(ConfigError, match="another recipe"):
+        claim_run_dir(tmp_path / "r", warm)  # once set, the key is part of the identity

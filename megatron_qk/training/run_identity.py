@@ -28,11 +28,21 @@ from typing import Any
 from megatron_qk.config.loader import config_to_dict
 from megatron_qk.config.schema import ConfigError, ExperimentConfig
 from megatron_qk.rundir.atomic import write_json_atomic
-from megatron_qk.rundir.config_hash import hash_config
+from megatron_qk.rundir.config_hash import flatten_config, hash_config
 from megatron_qk.rundir.layout import IDENTITY_FILE, checkpoints_dir
 from megatron_qk.training.run_dir import RESUME_FREE_KEYS
 
 _START_OVER = "use another training.output_dir, or set training.resume=false to start over there"
+
+
+# Keys added after runs were recorded: hashed only when set, so the recorded hash of a run
+# started before the key existed (where it is null) still matches and the run resumes.
+HASHED_ONLY_WHEN_SET = ("training.init_checkpoint",)
+
+
+def _unset_later_keys(recipe: dict[str, Any]) -> set[str]:
+    flat = flatten_config(recipe)
+    return {key for key in HASHED_ONLY_WHEN_SET if flat.get(key) is None}
 
 
 def recipe_hash(recipe: dict[str, Any], free_keys: set[str] | frozenset[str] = frozenset()) -> str:
@@ -132,7 +142,9 @@ def claim_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
     Raises:
         ConfigError: the run directory belongs to someone else or to another recipe.
     """
-    digest = recipe_hash(config_to_dict(cfg), RESUME_FREE_KEYS | {"training.output_dir"})
+    recipe = config_to_dict(cfg)
+    free = RESUME_FREE_KEYS | {"training.output_dir"} | _unset_later_keys(recipe)
+    digest = recipe_hash(recipe, free)
     if cfg.training.resume:
         check_run_identity(run_dir, digest)
     write_identity(run_dir, digest)
