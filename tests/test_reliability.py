@@ -126,35 +126,104 @@ def test_overwrite_moves_the_old_run_aside_intact(tmp_path):
 
 
 # -- item 4: preemption and orphans -----------------------------------------------------------
-def test_sigusr1_finishes_the_step_saves_and_exits_75(tmp_path):
-    run_dir = tmp_path / "run"
-    cmd = [PY, "-m", "megatron_qk.cli", "train", "tiny"]
+def _train_cmd(run_dir: Path, *extra: str, steps: int = 400) -> list[str]:
+    cmd = [PY, "-m", "megatron_qk.cli", "train", "tiny", *extra]
     for item in (
         f"training.output_dir={run_dir}",
-        "training.train_steps=400",
+        f"training.train_steps={steps}",
         "training.eval_interval=0",
         "diagnostics.enabled=false",
         "logging.progress_bar=false",
         "logging.tensorboard=false",
     ):
         cmd += ["--set", item]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_env())
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and '"train"' in metrics.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.2)
+    return cmd
+
+
+def _start_held(cmd: list[str], tmp_path: Path, step: int, ranks: int = 1, signals: int = 1):
+    """Start a training that holds after ``step`` until it has received ``signals`` signals
+    (training/callbacks/hold.py), and return once every rank is holding: the signal sent next
+    arrives at that known point, never racing the work."""
+    ready = tmp_path / "held"
+    env = _env()
+    env.update(
+        MQK_FAULT_HOLD_AT_STEP=str(step),
+        MQK_FAULT_HOLD_READY=str(ready),
+        MQK_FAULT_HOLD_SIGNALS=str(signals),
+    )
+    # Its own session: a signal to its process group is a terminal's Ctrl-C, and spares pytest.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    expected = {f"held-rank{r}" for r in range(ranks)}
+    deadline = time.monotonic() + 600
+    while not (ready.is_dir() and expected <= {p.name for p in ready.iterdir()}):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run never reached step {step}: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.1)
+    return proc
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigusr1_finishes_the_step_saves_and_exits_75(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start_held(_train_cmd(run_dir), tmp_path, step=2)
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
-    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    records = _records(run_dir)
     last = records[-1]
     assert last["kind"] == "event" and last["event"] == "preempted"
-    assert last["signal"] == "SIGUSR1" and 1 <= last["step"] < 400
+    assert last["signal"] == "SIGUSR1" and last["step"] == 2
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert latest == f"iter_{last['step']:07d}" and last["checkpoint"].endswith(latest)
-    assert max(r["step"] for r in records if r["kind"] == "train") == last["step"]
-    assert "SIGUSR1 received: stopped after step" in err
+    assert latest == "iter_0000002" and last["checkpoint"].endswith(latest)
+    assert max(r["step"] for r in records if r["kind"] == "train") == 2
+    assert "SIGUSR1 received: stopped after step 2" in err
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_130_without_a_traceback(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start_held(_train_cmd(run_dir), tmp_path, step=3)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
+    last = _records(run_dir)[-1]
+    assert (last["event"], last["signal"], last["step"]) == ("preempted", "SIGINT", 3)
+    assert "interrupted at step 3, checkpoint saved; run the same command to resume" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+
+
+def test_second_ctrl_c_stops_at_once_without_saving_or_a_traceback(tmp_path):
+    run_dir = tmp_path / "run"
+    # Held until two signals: the second Ctrl-C arrives while the run still holds at step 2.
+    proc = _start_held(_train_cmd(run_dir), tmp_path, step=2, signals=2)
+    os.killpg(proc.pid, signal.SIGINT)
+    first_lines = []
+    for line in proc.stderr:  # the first Ctrl-C has been handled once it says so
+        first_lines.append(line)
+        if "Ctrl-C again stops at once" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    err = "".join(first_lines) + err
+    assert proc.returncode == -signal.SIGINT, err[-3000:]  # the shell reports 130
+    assert not (run_dir / "checkpoints" / "latest").exists()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+
+
+def test_ctrl_c_under_torchrun_stops_both_ranks_at_one_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = _train_cmd(run_dir, "--nproc-per-node", "2")
+    proc = _start_held(cmd, tmp_path, step=2, ranks=2)
+    os.killpg(proc.pid, signal.SIGINT)  # launcher and both workers, as from a terminal
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    assert "interrupted at step 2, checkpoint saved; run the same command to resume" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
 
 
 def test_preemption_watch_reports_sigterm_and_restores_handlers():
@@ -380,7 +449,7 @@ def test_progress_bar_is_throttled_when_stderr_is_not_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     bar = ProgressBar(True, total=1000, initial=0, desc="x")
     try:
-        assert bar._bar.mininterval == 30.0
+        assert bar.interval == 30.0
     finally:
         bar.close()
 

@@ -48,6 +48,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatron_qk.cli.table",
         "train or link every run of a paper table, then print its tables (run_table.sh)",
     ),
+    "sample": (
+        "megatron_qk.cli.sample",
+        "generate text from a checkpoint (greedy, or top-k / top-p sampling)",
+    ),
     "readout": (
         "megatron_qk.cli.readout",
         "the paper's @3%/@20% readout columns, per-table views and Figure 2 from run directories",

@@ -17,6 +17,7 @@ from pathlib import Path
 from megatron_qk.data.tokenizer import TokenizerError
 from megatron_qk.evaluation.suite import EvalError
 from megatron_qk.rundir.cli_args import add_checkpoint_argument
+from megatron_qk.training.checkpoint_settings import CheckpointMismatchError
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +55,13 @@ def run(args: argparse.Namespace) -> int:
         summary = export_checkpoint(
             args.checkpoint, Path(args.out), args.format, args.step, args.tokenizer
         )
-    except (FileNotFoundError, ExportError, TokenizerError, EvalError) as e:
+    except (
+        FileNotFoundError,
+        ExportError,
+        TokenizerError,
+        EvalError,
+        CheckpointMismatchError,
+    ) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1
     print(f"export: wrote {args.format} step {summary['step']} to {args.out}")

@@ -8,7 +8,8 @@ parameter counts and exits.
 Exit codes: 0 done (or stopped by ``training.exit_after_steps``); 2 recipe, preflight or run
 directory refusal (nothing trained, nothing changed); 3 non-finite loss (the last checkpoint is
 intact); 4 a checkpoint could not be written (e.g. disk full; the previous one is intact);
-75 preempted by SIGTERM/SIGUSR1 after saving a checkpoint (rerun to resume).
+75 preempted by SIGTERM/SIGUSR1 after saving a checkpoint (rerun to resume); 130 stopped by
+Ctrl-C (the first one finishes the step and saves a checkpoint, a second one stops at once).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from megatron_qk.cli.train_help import data_hint, presets_epilog
 from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.loader import config_to_dict, dump_config, load_config
 from megatron_qk.rundir.lock import RunDirBusyError
+from megatron_qk.training.noise import quiet_megatron_noise
+
+# The shell's code for SIGINT (megatron_qk.training.preemption imports torch: not for --help).
+INTERRUPTED_EXIT_CODE = 130
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +75,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="start over in an output_dir holding an earlier run: that run is moved, intact, to "
         "OUTPUT_DIR.prev-<timestamp> (without it such a start is refused)",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Megatron-Core's start-up messages (TE/Apex fallbacks, DDP bucket lists, "
+        "config dumps), hidden by default",
+    )
 
 
 def _launch_torchrun(args: argparse.Namespace) -> int:
@@ -86,6 +97,8 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         cmd += ["--set", item]
     if args.overwrite:
         cmd.append("--overwrite")
+    if args.verbose:
+        cmd.append("--verbose")
     # These import torch and megatron-core (seconds): the launcher only starts the workers.
     from megatron_qk.models.speed import set_cuda_device_max_connections
     from megatron_qk.training.torchrun import run_torchrun
@@ -97,7 +110,23 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, then train (or dry-run) in-process or via torchrun."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        # A Ctrl-C before the training's own handler is installed (imports, preflight, model
+        # build) or after it is gone: nothing of this run is lost that a checkpoint would keep.
+        print(
+            "\nmegatron-qk train: interrupted before the first step or after the last save; "
+            "nothing needed saving",
+            file=sys.stderr,
+        )
+        return INTERRUPTED_EXIT_CODE
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Before megatron-core is imported: some of its warnings are issued at import.
+    quiet_megatron_noise(verbose=args.verbose)
     try:
         cfg = load_config(args.config, args.overrides)
         if "WORLD_SIZE" not in os.environ:

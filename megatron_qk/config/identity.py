@@ -24,7 +24,17 @@ import typing
 from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.loader import config_to_dict, load_config
 from megatron_qk.config.schema import ExperimentConfig
-from megatron_qk.rundir.config_hash import hash_config
+from megatron_qk.rundir.config_hash import flatten_config, hash_config
+
+ADDED_AFTER_RUNS_EXISTED = ("training.init_checkpoint", "training.eval_interval_frac")
+"""Keys added once runs had been recorded: hashed only when set, so a run (or a table's reuse
+index) recorded before the key existed, where it is null, keeps its hash."""
+
+
+def unset_added_keys(config_dict: dict) -> frozenset[str]:
+    """The keys of :data:`ADDED_AFTER_RUNS_EXISTED` that ``config_dict`` leaves null."""
+    flat = flatten_config(config_dict)
+    return frozenset(k for k in ADDED_AFTER_RUNS_EXISTED if flat.get(k) is None)
 
 
 def identity_excluded_keys(cls: type = ExperimentConfig, prefix: str = "") -> frozenset[str]:
@@ -47,7 +57,7 @@ def identity_excluded_keys(cls: type = ExperimentConfig, prefix: str = "") -> fr
 
 def config_hash(config_dict: dict) -> str:
     """sha256 (16 hex digits) of the model-relevant part of a resolved config dict."""
-    excluded = identity_excluded_keys()
+    excluded = identity_excluded_keys() | unset_added_keys(config_dict)
     return hash_config(config_dict, excluded, tuple(f"{key}." for key in sorted(excluded)))[:16]
 
 

@@ -67,6 +67,11 @@ class TrainingConfig:
     # Keep only the newest N interval checkpoints (0 = keep all). Checkpoints at
     # ``save_at_fracs`` and the final one are never removed.
     keep_interval_checkpoints: int = field(default=0, metadata=NOT_IDENTITY)
+    # Warm start (torchtitan's checkpoint.initial_load_path, nanoGPT's init_from): a checkpoint
+    # or run directory whose weights the run starts from; the optimizer, the step, the data
+    # position and the schedule start fresh. Its model settings must be this recipe's. A resume
+    # from the run's own checkpoint takes precedence. null = train from initialisation.
+    init_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "micro_batch_size", "eval_iters", "log_interval"):
@@ -96,6 +101,8 @@ class TrainingConfig:
             )
         if self.stop_at_frac is not None and not 0.0 < self.stop_at_frac <= 1.0:
             raise ConfigError("stop_at_frac", f"must be in (0, 1], got {self.stop_at_frac}")
+        if self.init_checkpoint is not None and not str(self.init_checkpoint).strip():
+            raise ConfigError("init_checkpoint", "must be a checkpoint path or null, got ''")
         if self.keep_interval_checkpoints < 0:
             raise ConfigError(
                 "keep_interval_checkpoints", f"must be >= 0, got {self.keep_interval_checkpoints}"

@@ -3,7 +3,8 @@
 Layout under ``<output_dir>/checkpoints`` (names in :mod:`megatron_qk.rundir.layout`)::
 
     iter_0000100/            dist_checkpointing dir: model + optimizer (sharded, any TP/PP/DP)
-    iter_0000100/train_state.pt   step, consumed samples, scheduler + release-controller state
+    iter_0000100/train_state.pt   step, consumed samples, scheduler + release-controller state,
+                             the model settings that shape the weights
     iter_0000100/rng_rank{R}.pt   per-rank RNG states (python, numpy, torch, Megatron tracker)
     latest                   text: the name of the newest complete checkpoint
 
@@ -34,6 +35,7 @@ from megatron_qk.rundir.layout import (
     latest_checkpoint,
     rng_file_name,
 )
+from megatron_qk.training.checkpoint_settings import check_model_settings, shape_mismatch_error
 from megatron_qk.training.resume_layout import (
     capture_rng_state,
     check_padded_vocab,
@@ -111,6 +113,8 @@ class TrainState:
     consumed_samples: int
     scheduler: dict
     extra: dict
+    # checkpoint_settings.model_settings of the model (None: not recorded, older checkpoints).
+    model_settings: dict | None = None
 
 
 def save_checkpoint(
@@ -168,6 +172,7 @@ def _write_checkpoint_files(sharded: dict, tmp: Path, model_chunks: list, state:
                 "extra": state.extra,
                 "layout": current_layout(),
                 "padded_vocab": getattr(unwrap_model(model_chunks[0]), "vocab_size", None),
+                "model_settings": state.model_settings,
             },
             tmp / TRAIN_STATE_FILE,
         )
@@ -179,6 +184,8 @@ def load_checkpoint(
     optimizer=None,
     restore_rng: bool = True,
     seed: int = 0,
+    expected_model: dict | None = None,
+    source: str = "this run's recipe",
 ) -> TrainState:
     """Load model (and optimizer, RNG) state from ``path`` in place (collective).
 
@@ -189,9 +196,16 @@ def load_checkpoint(
         restore_rng: restore this rank's RNG states when the layout is the saved one, else
             re-seed deterministically from ``seed`` and the step (with a warning).
         seed: the recipe's ``training.seed`` (for that re-seed).
+        expected_model: :func:`~megatron_qk.training.checkpoint_settings.model_settings` of the
+            recipe the model was built from, compared with the checkpoint's before loading.
+        source: where that recipe comes from, for the error ("this run's config.yaml").
 
     Returns:
         The scalar train state; the caller restores the scheduler from ``state.scheduler``.
+
+    Raises:
+        CheckpointMismatchError: the checkpoint was trained with other model settings (names the
+            first that differs).
     """
     from megatron.core import dist_checkpointing
 
@@ -199,6 +213,7 @@ def load_checkpoint(
         raise FileNotFoundError(f"{path} is not a megatron-qk checkpoint (no {TRAIN_STATE_FILE})")
 
     raw = load_state_file(path / TRAIN_STATE_FILE)
+    check_model_settings(path, raw.get("model_settings"), expected_model, source)
     check_padded_vocab(
         path, raw.get("padded_vocab"), getattr(unwrap_model(model_chunks[0]), "vocab_size", None)
     )
@@ -209,7 +224,13 @@ def load_checkpoint(
             sharded, is_loading=True, metadata=OPTIMIZER_CKPT_METADATA
         )
     check_dist_checkpoint(path)  # before Megatron's loader unpickles anything from it
-    loaded = dist_checkpointing.load(sharded, str(path))
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path))
+    except BaseException as exc:  # torch DCP wraps Megatron's error in a BaseException
+        mismatch = shape_mismatch_error(path, source, exc)
+        if mismatch is None:
+            raise
+        raise mismatch from exc
     check_extra_states(loaded, path)  # before TE's set_extra_state could unpickle any of it
     bare = [unwrap_model(m) for m in model_chunks]
     if len(bare) == 1:
@@ -221,4 +242,10 @@ def load_checkpoint(
         load_optimizer_state(optimizer, loaded["optimizer"])
     if restore_rng:
         restore_or_reseed_rng(path, raw.get("layout"), seed, raw["step"], _rank())
-    return TrainState(raw["step"], raw["consumed_samples"], raw["scheduler"], raw["extra"])
+    return TrainState(
+        raw["step"],
+        raw["consumed_samples"],
+        raw["scheduler"],
+        raw["extra"],
+        raw.get("model_settings"),
+    )

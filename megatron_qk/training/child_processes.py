@@ -32,6 +32,21 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def die_with_parent() -> bool:
+    """Ask the kernel for SIGKILL when this process's parent exits (Linux only).
+
+    A torchrun worker calls it: torchrun starts workers in their own sessions, so when a second
+    Ctrl-C ends the launcher at once nothing else would end its workers.
+
+    Returns:
+        True when the request was made.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    _die_with_parent(os.getppid())
+    return True
+
+
 def _record_parent() -> None:
     _fork_parent_pid[0] = os.getpid()
 

@@ -12,6 +12,7 @@ from megatron_qk.models.params import count_parameters, expected_parameter_count
 from megatron_qk.models.specs import build_layer_spec, use_transformer_engine
 from megatron_qk.rundir.lock import RunDirLock
 from megatron_qk.rundir.previous import holds_run, move_run_aside
+from megatron_qk.training.callbacks.hold import hold_from_env
 from megatron_qk.training.callbacks.preemption import StopOnPreemption
 from megatron_qk.training.checkpoint_plan import end_step, planned_checkpoint_steps
 from megatron_qk.training.child_processes import make_forked_children_die_with_parent
@@ -22,7 +23,7 @@ from megatron_qk.training.distributed import (
 )
 from megatron_qk.training.eval_plan import evaluation_steps
 from megatron_qk.training.loop import NonFiniteLossError, Trainer
-from megatron_qk.training.preemption import PREEMPTED_EXIT_CODE, PreemptedError, PreemptionWatch
+from megatron_qk.training.preemption import PreemptedError, PreemptionWatch
 from megatron_qk.training.preflight import preflight
 from megatron_qk.training.restore import single_process_config
 from megatron_qk.training.save_errors import CheckpointSaveError
@@ -52,7 +53,8 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False) -> dict | 
         PreflightError: a recipe problem found before the build (names the key).
         RunDirBusyError: another training holds the run directory (names host and pid).
         SystemExit: 3 on a non-finite loss, 4 when a checkpoint cannot be written, 75
-            (``PREEMPTED_EXIT_CODE``) when stopped by SIGTERM/SIGUSR1 after saving a checkpoint.
+            (``PREEMPTED_EXIT_CODE``) when stopped by SIGTERM/SIGUSR1 after saving a checkpoint,
+            130 (``INTERRUPTED_EXIT_CODE``) when stopped by a Ctrl-C after saving one.
     """
     rank0 = _env_rank("RANK") == 0
     preflight(cfg, world_size_from_env(), overwrite=overwrite, scan_tokens=rank0, run_dir=rank0)
@@ -69,6 +71,9 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False) -> dict | 
         info = setup_distributed(cfg)
         try:
             trainer = Trainer(cfg, info)
+            hold = hold_from_env(watch)  # fault injection for the signal tests; None otherwise
+            if hold is not None:
+                trainer.add_callback(hold)
             trainer.add_callback(StopOnPreemption(watch))
             try:
                 summary = trainer.run()
@@ -83,7 +88,7 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False) -> dict | 
             except PreemptedError as exc:
                 if info.is_logging_rank:
                     print(f"megatron-qk train: {exc}", file=sys.stderr)
-                raise SystemExit(PREEMPTED_EXIT_CODE) from None
+                raise SystemExit(exc.exit_code) from None
             return summary if info.is_logging_rank else None
         finally:
             teardown_distributed()

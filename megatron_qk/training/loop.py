@@ -34,6 +34,8 @@ from megatron_qk.training import checkpoint_plan, losses, run_files
 from megatron_qk.training.callbacks.base import Callback
 from megatron_qk.training.callbacks.defaults import default_callbacks
 from megatron_qk.training.callbacks.sharp_entropy import SharpEntropyEvent
+from megatron_qk.training.checkpoint_settings import model_settings
+from megatron_qk.training.console import StepLog
 from megatron_qk.training.data import build_datasets, micro_batches
 from megatron_qk.training.data_order import data_order_hash
 from megatron_qk.training.distributed import ParallelInfo
@@ -41,6 +43,7 @@ from megatron_qk.training.eval_plan import evaluates_periodically, should_evalua
 from megatron_qk.training.run_dir import write_summary
 from megatron_qk.training.sinks import MetricsSinks, ProgressBar
 from megatron_qk.training.throughput import ThroughputMeter
+from megatron_qk.training.warm_start import load_initial_weights
 from megatron_qk.training.wrapping import attach_schedule_hooks, wrap_for_training
 
 logger = logging.getLogger(__name__)
@@ -111,6 +114,7 @@ class Trainer:
         self.callbacks = default_callbacks(cfg, info) if callbacks is None else list(callbacks)
         self._sinks: MetricsSinks | None = None
         self._bar: ProgressBar | None = None
+        self._step_log: StepLog | None = None
 
     def add_callback(self, callback: Callback) -> None:
         """Append a callback (its hooks run after the others')."""
@@ -272,6 +276,7 @@ class Trainer:
                 consumed_samples=self.consumed_samples,
                 scheduler=self.scheduler.state_dict(),
                 extra={cb.state_key: cb.state_dict() for cb in self.callbacks if cb.state_key},
+                model_settings=model_settings(self.cfg.model),
             ),
         )
         self.saved_step = self.step
@@ -293,7 +298,11 @@ class Trainer:
         if path is None:
             return False
         state = ckpt.load_checkpoint(
-            path, self.model_chunks, self.optimizer, seed=self.cfg.training.seed
+            path,
+            self.model_chunks,
+            self.optimizer,
+            seed=self.cfg.training.seed,
+            expected_model=model_settings(self.cfg.model),
         )
         self.scheduler.load_state_dict(state.scheduler)
         self.step, self.consumed_samples = state.step, state.consumed_samples
@@ -308,6 +317,9 @@ class Trainer:
         cfg, info = self.cfg, self.info
         run_files.claim(cfg, info, self.run_dir)
         resumed = self.maybe_resume()
+        warm_start = (
+            None if resumed or not cfg.training.init_checkpoint else load_initial_weights(self)
+        )
         if resumed and self.step >= self.end_step:
             summary = run_files.finished_summary(self.run_dir)
             if summary is not None:
@@ -316,8 +328,11 @@ class Trainer:
         run_files.start_metrics(cfg, info, self.run_dir, self.step if resumed else None)
         self._sinks = run_files.open_sinks(cfg, info, self.run_dir)
         self._bar = run_files.open_progress_bar(cfg, info, self.planned_steps, self.step)
+        self._step_log = run_files.open_step_log(cfg, info, self.end_step, self.step)
         if resumed:
             self.announce(f"resumed from step {self.step} ({self.consumed_samples} samples)")
+        elif warm_start:
+            self.announce(warm_start)
         start_step = self.step
         try:
             for cb in self.callbacks:
@@ -350,7 +365,8 @@ class Trainer:
             record = self.train_step()
             if self.step % t.log_interval == 0 or self.step == stop_at:
                 self.log(record)
-            self._bar.update(record["loss"], record["tokens_per_second"], record["lr"])
+                self._step_log.print(record)
+            self._bar.update(record)
             is_last = self.step == self.end_step
             if is_last or should_evaluate(cfg, self.step):
                 self._evaluate_and_announce()

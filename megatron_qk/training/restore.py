@@ -19,6 +19,7 @@ from megatron_qk.config.schema import ExperimentConfig
 from megatron_qk.models.params import annotate_param_roles
 from megatron_qk.rundir.layout import CONFIG_FILE, resolve_checkpoint
 from megatron_qk.training.checkpoint import load_checkpoint
+from megatron_qk.training.checkpoint_settings import model_settings
 from megatron_qk.training.distributed import setup_distributed
 
 
@@ -73,6 +74,10 @@ def load_checkpoint_for_analysis(
     Args:
         path: see :func:`megatron_qk.rundir.layout.resolve_checkpoint`.
         device: where to put the model (default: CUDA when available, else CPU).
+
+    Raises:
+        CheckpointMismatchError: the checkpoint was trained with other model settings than its
+            run directory's ``config.yaml`` (names the first that differs).
     """
     ckpt, run_dir = resolve_checkpoint(path)
     cfg = single_process_config(load_resolved_config(run_dir / CONFIG_FILE))
@@ -81,13 +86,27 @@ def load_checkpoint_for_analysis(
     device = select_device(device)
     model = build_initial_model(cfg, device)
     annotate_param_roles(model)
-    state = load_checkpoint(ckpt, [model], optimizer=None, restore_rng=False)
+    state = load_checkpoint(
+        ckpt,
+        [model],
+        optimizer=None,
+        restore_rng=False,
+        expected_model=model_settings(cfg.model),
+        source=f"this run's config.yaml ({run_dir / CONFIG_FILE})",
+    )
     return LoadedCheckpoint(cfg, model.eval(), state.step, ckpt, run_dir, device)
 
 
 def reload_weights(loaded: LoadedCheckpoint, path: Path) -> LoadedCheckpoint:
     """Load another checkpoint of the same run into ``loaded.model`` (no rebuild)."""
-    state = load_checkpoint(path, [loaded.model], optimizer=None, restore_rng=False)
+    state = load_checkpoint(
+        path,
+        [loaded.model],
+        optimizer=None,
+        restore_rng=False,
+        expected_model=model_settings(loaded.cfg.model),
+        source=f"this run's config.yaml ({loaded.run_dir / CONFIG_FILE})",
+    )
     loaded.model.eval()
     return dataclasses.replace(loaded, step=state.step, checkpoint=path)
 

@@ -3,7 +3,8 @@
 :meth:`megatron_qk.training.loop.Trainer.run` calls these in order: :func:`claim` before the
 checkpoint is looked for, :func:`finished_summary` when the resumed run is already complete,
 :func:`start_metrics` once the resume point is known, then :func:`open_sinks` and
-:func:`open_progress_bar`. Only the logging rank writes; the functions are no-ops elsewhere.
+:func:`open_progress_bar` and :func:`open_step_log`. Only the logging rank writes; the
+functions are no-ops elsewhere.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from megatron_qk.config.loader import config_to_dict
 from megatron_qk.config.schema import ExperimentConfig
+from megatron_qk.training.console import StepLog
 from megatron_qk.training.distributed import ParallelInfo
 from megatron_qk.training.run_dir import check_resume_compatible, write_config
 from megatron_qk.training.run_identity import claim_run_dir
@@ -87,4 +89,15 @@ def open_progress_bar(
         initial=step,
         desc=f"{cfg.name}/{cfg.arm}",
         log_lines=info.is_logging_rank,
+    )
+
+
+def open_step_log(cfg: ExperimentConfig, info: ParallelInfo, end_step: int, step: int) -> StepLog:
+    """The logging rank's per-interval console line, printed when the bar is off or stderr is
+    not a terminal (a SLURM log)."""
+    return StepLog(
+        info.is_logging_rank and StepLog.wanted(cfg.logging.progress_bar),
+        total=cfg.planned_steps(),
+        end_step=end_step,
+        start_step=step,
     )

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megatron_qk.config.identity import unset_added_keys
 from megatron_qk.config.loader import config_to_dict
 from megatron_qk.config.schema import ConfigError, ExperimentConfig
 from megatron_qk.rundir.atomic import write_json_atomic
@@ -132,7 +133,9 @@ def claim_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
     Raises:
         ConfigError: the run directory belongs to someone else or to another recipe.
     """
-    digest = recipe_hash(config_to_dict(cfg), RESUME_FREE_KEYS | {"training.output_dir"})
+    recipe = config_to_dict(cfg)
+    free = RESUME_FREE_KEYS | {"training.output_dir"} | unset_added_keys(recipe)
+    digest = recipe_hash(recipe, free)
     if cfg.training.resume:
         check_run_identity(run_dir, digest)
     write_identity(run_dir, digest)

@@ -7,12 +7,15 @@ dropped first so the file reads as one uninterrupted run.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from megatron_qk.config.extras import require
 from megatron_qk.rundir.atomic import write_text_atomic
@@ -137,35 +140,89 @@ class MetricsSinks:
             self._wandb = None
 
 
-class ProgressBar:
-    """Rank-0 tqdm bar showing loss, tokens/s and ETA (tqdm computes the ETA)."""
+class _Discard(io.StringIO):
+    """tqdm's own output in a file: discarded (the bar writes whole lines there itself)."""
 
-    def __init__(self, enabled: bool, total: int, initial: int, desc: str, log_lines: bool = True):
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+class ProgressBar:
+    """Rank-0 tqdm bar showing loss, tokens/s, MFU, lr and ETA (tqdm computes the ETA).
+
+    The bar times its own redraws: tqdm never draws on :meth:`update` (its ``mininterval`` is
+    infinite); the bar redraws when ``interval`` seconds of ``clock`` have passed since the
+    last draw. On a terminal (0.5 s) tqdm redraws in place. In a file (a SLURM log; 30 s) every
+    redraw is one whole line, so it sits between the per-interval lines of
+    :class:`~megatron_qk.training.console.StepLog` instead of running into them. The postfix
+    is set without a redraw before the step is counted, so every drawn bar shows the loss of
+    the step it counts.
+
+    Args:
+        enabled: draw a bar (False: :meth:`write` logs lines instead, on the logging rank).
+        total: planned steps.
+        initial: the step the run starts from (a resume).
+        desc: the bar's label.
+        log_lines: log :meth:`write`'s lines when the bar is off (the logging rank only).
+        clock: seconds, monotonic (injected by tests).
+        stream: where to draw (default ``sys.stderr``).
+    """
+
+    def __init__(
+        self,
+        enabled: bool,
+        total: int,
+        initial: int,
+        desc: str,
+        log_lines: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        stream: TextIO | None = None,
+    ):
         self._bar = None
         # Only the logging rank logs lines when the bar is off (other ranks would repeat them).
         self._log_lines = log_lines
+        self._clock = clock
+        self._stream = sys.stderr if stream is None else stream
+        self._in_place = self._stream.isatty()
+        self.interval = 0.5 if self._in_place else 30.0
         if enabled:
-            import sys
-
             from tqdm import tqdm
 
-            # Redrawn in place on a terminal; in a file (SLURM logs) one line every 30 s.
             self._bar = tqdm(
                 total=total,
                 initial=initial,
                 desc=desc,
                 unit="step",
-                dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 30.0,
+                dynamic_ncols=self._in_place,
+                ncols=None if self._in_place else 120,
+                file=self._stream if self._in_place else _Discard(),
+                # Never on update(): the redraws are timed here. miniters=1 keeps tqdm's monitor
+                # thread from forcing a redraw of its own.
+                mininterval=math.inf,
+                miniters=1,
             )
-        self._last = time.perf_counter()
+        self._last_draw = clock()
 
-    def update(self, loss: float, tokens_per_second: float, lr: float) -> None:
-        """Advance one step and refresh the postfix."""
+    def _draw(self) -> None:
+        if self._in_place:
+            self._bar.refresh()
+        else:
+            print(str(self._bar), file=self._stream, flush=True)
+
+    def update(self, record: dict) -> None:
+        """Count one step (its ``train`` record) and redraw if the interval has passed."""
         if self._bar is None:
             return
-        self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:,.0f}", lr=f"{lr:.2e}")
+        postfix = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens_per_second']:,.0f}"}
+        if record.get("mfu") is not None:
+            postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+        postfix["lr"] = f"{record['lr']:.2e}"
+        self._bar.set_postfix(postfix, refresh=False)
         self._bar.update(1)
+        now = self._clock()
+        if now - self._last_draw >= self.interval:
+            self._draw()
+            self._last_draw = now
 
     def write(self, text: str) -> None:
         """Print a line above the bar (or log it when the bar is off)."""
@@ -175,6 +232,8 @@ class ProgressBar:
             logger.info(text)
 
     def close(self) -> None:
-        """Close the bar."""
+        """Close the bar (its final state is drawn once)."""
         if self._bar is not None:
+            if not self._in_place:
+                self._draw()
             self._bar.close()
