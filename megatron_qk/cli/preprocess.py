@@ -5,6 +5,8 @@ Writes ``P_text_document.{bin,idx}`` (plus ``P_valid_text_document.{bin,idx}`` w
 from tiktoken, one EOD (50256) after each document, uint16. ``P_summary.json`` records documents,
 tokens, skipped records by reason, seconds and tokens/s. Interrupted runs resume when the same
 command is run again. ``tools/preprocess_data.py`` is the same command for Megatron-LM habits.
+``MQK_PREPROCESS_PAUSE_AT=EVENT[:N]`` holds a run at an event until a signal arrives (signal
+tests, :mod:`megatron_qk.data.fault_injection`).
 
 This module only builds the parser and calls :func:`megatron_qk.data.pipeline.preprocess`.
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from megatron_qk.data.fault_injection import pause_hook_from_env
 from megatron_qk.data.pipeline import PreprocessConfig, default_workers, preprocess
 from megatron_qk.data.readers import HubDataset, PreprocessError
 from megatron_qk.data.tokenizer import TokenizerError
@@ -212,12 +215,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         config.validate()
+        on_event = pause_hook_from_env()
     except ValueError as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 2
     try:
         with logging_redirect_tqdm():
-            summary = preprocess(config)
+            summary = preprocess(config, on_event=on_event)
     except (PreprocessError, TokenizerError, OSError) as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 1

@@ -108,8 +108,10 @@ def preprocess(
 
     Args:
         config: the options.
-        on_event: called with ``("commit" | "finalizing", manifest)`` after each commit (tests use
-            it to interrupt a run at a precise point).
+        on_event: called with ``("commit" | "finalizing", manifest)`` after each commit, and
+            with ``("workers_started", {"workers": N, "backend": B})`` once the worker pool
+            exists (tests use it to interrupt a run at a precise point, see
+            :mod:`~megatron_qk.data.fault_injection`).
 
     Returns:
         The summary that is also written to ``<prefix>_summary.json``.
@@ -203,6 +205,8 @@ def _tokenize(run: OutputRun, sources: list[Source], total_records: int | None) 
         cfg.workers,
         cfg.backend,
     )
+    if run.on_event:
+        run.on_event("workers_started", {"workers": cfg.workers, "backend": processor.backend})
     bar = _progress_bar(cfg, total_records, state.records)
     since_commit = 0
     clean_exit = False
