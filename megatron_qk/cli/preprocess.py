@@ -129,7 +129,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="tokenizer workers (default: CPU cores)",
+        help="tokenizer workers (default and upper bound: the CPUs this process may use, by "
+        "affinity and cgroup quota; never more than the input's batches)",
     )
     perf.add_argument(
         "--backend",

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from megatron_qk.data.encode import BACKENDS
 from megatron_qk.data.readers import HubDataset
+from megatron_qk.data.workers import usable_cpus
 
 
 def default_workers() -> int:
-    """CPU cores available to this process."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """CPUs this process may use (affinity and cgroup CPU quota)."""
+    return usable_cpus()[0]
 
 
 @dataclasses.dataclass

@@ -37,6 +37,7 @@ from megatron_qk.data.readers import (
 from megatron_qk.data.records import RecordConfig
 from megatron_qk.data.tokenizer import TokenizerInfo, load_tokenizer
 from megatron_qk.data.workdir import OutputPaths, WorkDir, final_moves, publish
+from megatron_qk.data.workers import plan_workers
 
 __all__ = ["PreprocessConfig", "default_workers", "preprocess", "run_identity"]
 
@@ -196,17 +197,20 @@ def _tokenize(run: OutputRun, sources: list[Source], total_records: int | None) 
         id_key=cfg.id_key,
         max_bytes=cfg.chunk_bytes,
     )
+    run.workers, lowered = plan_workers(cfg.workers, sources, cfg.chunk_bytes)
+    if lowered:
+        logger.info(lowered)
     processor = BatchProcessor(
         record_config,
         tok.encoding,
         cfg.tokenizer,
         tok.eod_id,
         tok.dtype_name,
-        cfg.workers,
+        run.workers,
         cfg.backend,
     )
     if run.on_event:
-        run.on_event("workers_started", {"workers": cfg.workers, "backend": processor.backend})
+        run.on_event("workers_started", {"workers": run.workers, "backend": processor.backend})
     bar = _progress_bar(cfg, total_records, state.records)
     since_commit = 0
     clean_exit = False
