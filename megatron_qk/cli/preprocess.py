@@ -61,6 +61,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="writes P_text_document.{bin,idx}, P_valid_text_document.{bin,idx}, P_summary.json",
     )
     out.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="process shard I (0-based) of N: a contiguous 1/N of the input files, resumable on "
+        "its own; `megatron-qk merge-datasets` joins the N outputs into the single job's files",
+    )
+    out.add_argument(
         "--overwrite",
         action="store_true",
         help="discard an unfinished run with other options/inputs and redo a finished one",
@@ -181,6 +187,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         shard_size=args.shard_size,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        shard=args.shard,
     )
 
 

@@ -270,6 +270,7 @@ class OutputRun:
             "resumed_from": resumed_from,
             "processing_seconds_all_runs": round(self.seconds_before + seconds, 3),
             "fingerprint": self.key,
+            "shard": self.identity.get("shard"),
         }
 
     def finalize(self, resumed_from: dict[str, int] | None) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from megatron_qk.data.readers import (
     resolve_inputs,
 )
 from megatron_qk.data.records import RecordConfig
+from megatron_qk.data.sharding import parse_shard, shard_files, shard_hub
 from megatron_qk.data.tokenizer import TokenizerInfo, load_tokenizer
 from megatron_qk.data.workdir import OutputPaths, WorkDir, final_moves, publish
 from megatron_qk.data.workers import plan_workers
@@ -46,20 +47,24 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-def _resolve_sources(config: PreprocessConfig) -> tuple[list[Source], int | None]:
-    """Resolve and check the inputs; also returns the total record count when known."""
+def _resolve_sources(config: PreprocessConfig) -> tuple[list[Source], list[Source], int | None]:
+    """Resolve and check the inputs: the whole job's sources, this run's (its ``--shard``) and
+    this run's total record count when known."""
+    shard = parse_shard(config.shard) if config.shard else None
     if config.hf is not None:
-        return [config.hf], None
+        mine = [shard_hub(config.hf, shard)] if shard else [config.hf]
+        return [config.hf], mine, None
     files = resolve_inputs(config.inputs)
+    selected = shard_files(files, shard) if shard else files
     total: int | None = 0
-    for f in files:
+    for f in selected:
         if f.fmt == "parquet":
             rows = check_parquet(f, config.text_key, config.min_int_score is not None)
             total = None if total is None else total + rows
         else:
             check_file(f)
             total = None
-    return list(files), total
+    return list(files), list(selected), total
 
 
 def run_identity(
@@ -123,9 +128,15 @@ def preprocess(
     """
     t0 = time.perf_counter()
     config.validate()
-    sources, total_records = _resolve_sources(config)
+    job_sources, sources, total_records = _resolve_sources(config)
     tok = load_tokenizer(config.tokenizer)
-    identity = run_identity(config, sources, tok)
+    identity = run_identity(config, job_sources, tok)
+    if config.shard:
+        # The whole job's identity names the job that merge-datasets reassembles.
+        shard = parse_shard(config.shard)
+        job = _fingerprint(identity)
+        identity["sources"] = [s.fingerprint() for s in sources]
+        identity["shard"] = {"index": shard.index, "count": shard.count, "job": job}
     key = _fingerprint(identity)
     paths = OutputPaths(config.output_prefix)
     Path(config.output_prefix).parent.mkdir(parents=True, exist_ok=True)
