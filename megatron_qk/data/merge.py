@@ -158,6 +158,11 @@ def merge_datasets(
     Raises:
         PreprocessError: for a refused shard set or an existing output without ``overwrite``.
     """
+    t_import = time.perf_counter()
+    # Importing megatron.core (torch) takes seconds: timed apart from the merge itself.
+    import megatron.core.datasets.indexed_dataset  # noqa: F401
+
+    import_seconds = time.perf_counter() - t_import
     t0 = time.perf_counter()
     summaries = [read_shard(p) for p in prefixes]
     order = check_shards(prefixes, summaries)
@@ -199,6 +204,7 @@ def merge_datasets(
         shard_job=summaries[0]["shard"]["job"],
         verified=verify,
         merge_seconds=round(seconds, 3),
+        import_seconds=round(import_seconds, 3),
         merge_bytes_per_second=round(nbytes / seconds, 1) if seconds > 0 else None,
         seconds=round(seconds, 3),
         fingerprint=summaries[0]["shard"]["job"],
