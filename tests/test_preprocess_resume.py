@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from data_fixtures import (
     write_jsonl,
     write_parquet,
 )
+from preprocess_signals import PausedRun
 
 from megatron_qk.data.readers import PreprocessError, iter_raw_batches, resolve_inputs
 from megatron_qk.data.records import (
@@ -139,24 +139,6 @@ def test_interrupted_hub_stream_resumes(tmp_path):
     assert same_files(tmp_path / "hub_text_document", tmp_path / "local_text_document")
 
 
-def _start_and_stop_mid_run(cmd: list[str], manifest_path: Path, stop) -> subprocess.Popen:
-    """Start the CLI, wait for its first commit with documents, then call ``stop(proc)``."""
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            state = json.loads(manifest_path.read_text())["state"]
-        except (OSError, ValueError, KeyError):
-            state = None
-        if state and state["documents"]["train"] > 0:
-            stop(proc)
-            break
-        time.sleep(0.005)
-    return proc
-
-
 @pytest.fixture(scope="module")
 def big_corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("big")
@@ -171,14 +153,15 @@ def _cli(corpus: Path, prefix: Path, *extra: str) -> list[str]:
 
 
 def test_sigkill_mid_run_then_resume(tmp_path, big_corpus):
-    """A real hard kill (no cleanup handlers run), then the same command again."""
+    """A real hard kill (no cleanup handlers run) mid-run, then the same command again."""
     corpus, reference = big_corpus
     prefix = tmp_path / "run"
     cmd = _cli(corpus, prefix, "--workers", "1")
     manifest_path = OutputPaths(str(prefix)).work_dir / "manifest.json"
-    proc = _start_and_stop_mid_run(cmd, manifest_path, lambda p: p.send_signal(signal.SIGKILL))
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    run = PausedRun(cmd, "commit:2")  # the first commit with documents (the first is empty)
+    run.proc.send_signal(signal.SIGKILL)
+    rc, _ = run.wait()
+    assert rc == -signal.SIGKILL
     assert not Path(f"{prefix}_text_document.bin").exists()
     committed = json.loads(manifest_path.read_text())["state"]["documents"]["train"]
     assert 0 < committed < len(pydoc_docs()) * 30
@@ -189,21 +172,24 @@ def test_sigkill_mid_run_then_resume(tmp_path, big_corpus):
     assert same_files(f"{prefix}_text_document", reference)
 
 
-def test_ctrl_c_with_process_workers_then_resume(tmp_path, big_corpus):
-    """SIGINT to the whole process group, as a terminal's Ctrl-C (default process backend)."""
+@pytest.mark.parametrize("pause", ["workers_started", "commit:2", "finalizing"])
+def test_ctrl_c_with_process_workers_then_resume(tmp_path, big_corpus, pause):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C (default process backend),
+    while the workers start, between commits, and while the outputs are published."""
     corpus, reference = big_corpus
     prefix = tmp_path / "run"
     cmd = _cli(corpus, prefix, "--workers", "2")
-    manifest_path = OutputPaths(str(prefix)).work_dir / "manifest.json"
-    proc = _start_and_stop_mid_run(cmd, manifest_path, lambda p: os.killpg(p.pid, signal.SIGINT))
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    run = PausedRun(cmd, pause)
+    run.signal_group(signal.SIGINT)
+    rc, err = run.wait()
+    assert rc == 130, err
     assert "run the same command again to resume" in err and "Traceback" not in err
     assert not Path(f"{prefix}_text_document.bin").exists()
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(Path(f"{prefix}_summary.json").read_text())
-    assert summary["resumed"] and summary["backend"] == "process"
+    # An interruption while publishing is completed from the work directory's own summary.
+    assert summary["resumed"] is (pause != "finalizing") and summary["backend"] == "process"
     assert same_files(f"{prefix}_text_document", reference)
 
 

@@ -23,6 +23,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatron_qk.cli.preprocess",
         "tokenize text (FineWeb-Edu, parquet, jsonl) into Megatron indexed datasets",
     ),
+    "merge-datasets": (
+        "megatron_qk.cli.merge_datasets",
+        "join the outputs of preprocess --shard I/N into one indexed dataset",
+    ),
     "tokenizer": (
         "megatron_qk.cli.tokenizer",
         "obtain and verify the GPT-2 BPE ranks for offline use",

@@ -5,6 +5,8 @@ Writes ``P_text_document.{bin,idx}`` (plus ``P_valid_text_document.{bin,idx}`` w
 from tiktoken, one EOD (50256) after each document, uint16. ``P_summary.json`` records documents,
 tokens, skipped records by reason, seconds and tokens/s. Interrupted runs resume when the same
 command is run again. ``tools/preprocess_data.py`` is the same command for Megatron-LM habits.
+``MQK_PREPROCESS_PAUSE_AT=EVENT[:N]`` holds a run at an event until a signal arrives (signal
+tests, :mod:`megatron_qk.data.fault_injection`).
 
 This module only builds the parser and calls :func:`megatron_qk.data.pipeline.preprocess`.
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from megatron_qk.data.fault_injection import pause_hook_from_env
 from megatron_qk.data.pipeline import PreprocessConfig, default_workers, preprocess
 from megatron_qk.data.readers import HubDataset, PreprocessError
 from megatron_qk.data.tokenizer import TokenizerError
@@ -57,6 +60,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         required=True,
         metavar="P",
         help="writes P_text_document.{bin,idx}, P_valid_text_document.{bin,idx}, P_summary.json",
+    )
+    out.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="process shard I (0-based) of N: a contiguous 1/N of the input files, resumable on "
+        "its own; `megatron-qk merge-datasets` joins the N outputs into the single job's files",
     )
     out.add_argument(
         "--overwrite",
@@ -127,7 +136,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="tokenizer workers (default: CPU cores)",
+        help="tokenizer workers (default and upper bound: the CPUs this process may use, by "
+        "affinity and cgroup quota; never more than the input's batches)",
     )
     perf.add_argument(
         "--backend",
@@ -178,6 +188,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         shard_size=args.shard_size,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        shard=args.shard,
     )
 
 
@@ -213,12 +224,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         config.validate()
+        on_event = pause_hook_from_env()
     except ValueError as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 2
     try:
         with logging_redirect_tqdm():
-            summary = preprocess(config)
+            summary = preprocess(config, on_event=on_event)
     except (PreprocessError, TokenizerError, OSError) as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 import signal
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ import numpy as np
 
 from megatron_qk.data.readers import RawBatch
 from megatron_qk.data.records import RecordConfig, SkipEvent, select_documents
+from megatron_qk.rundir.parent_death import die_with_parent
 
 if TYPE_CHECKING:
     import tiktoken
@@ -150,11 +152,14 @@ def process_batch(
 _WORKER_STATE: dict[str, Any] = {}
 
 
-def _init_process_worker(tokenizer_spec: str, config: RecordConfig) -> None:
+def _init_process_worker(tokenizer_spec: str, config: RecordConfig, parent_pid: int) -> None:
     from megatron_qk.data.tokenizer import load_tokenizer
 
     # Ctrl-C reaches the whole process group: only the parent handles it (commit, shut down).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A killed parent (SIGKILL, OOM killer) runs no shutdown: the kernel ends the workers. Each
+    # holds its own task queue's write end open, so it would otherwise wait for work forever.
+    die_with_parent(parent_pid)
 
     info = load_tokenizer(tokenizer_spec)
     _WORKER_STATE.update(
@@ -175,7 +180,8 @@ def _start_workers_with_sigint_blocked(pool: ProcessPoolExecutor, workers: int) 
     parent blocks SIGINT holds it pending until its initializer ignores it (which discards it);
     the parent's own pending Ctrl-C is delivered when the mask is restored, nothing is lost.
     The executor starts workers lazily, one per submission while none is idle, so one no-op
-    task per worker, submitted back to back, starts them all inside the blocked window.
+    task per worker, submitted back to back, starts them all inside the blocked window (from the
+    main thread, which the kernel's parent-death signal is tied to).
     """
     if not hasattr(signal, "pthread_sigmask"):
         return  # not POSIX: workers start lazily as before
@@ -213,7 +219,8 @@ class BatchProcessor:
         tokenizer_spec: ``--tokenizer`` value, reloaded in each worker (process backend).
         eod_id: end-of-document id.
         dtype: storage dtype name.
-        workers: number of workers; ``<= 1`` processes inline in the calling thread.
+        workers: number of workers; ``<= 1`` processes inline in the calling thread (the
+            pipeline bounds it first, see :func:`~megatron_qk.data.workers.plan_workers`).
         backend: ``"auto"`` (process if ``workers > 1``), ``"thread"`` or ``"process"``.
     """
 
@@ -236,7 +243,7 @@ class BatchProcessor:
                 workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_process_worker,
-                initargs=(tokenizer_spec, config),
+                initargs=(tokenizer_spec, config, os.getpid()),
             )
             _start_workers_with_sigint_blocked(self._pool, workers)
             self._task = _process_in_worker

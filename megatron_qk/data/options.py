@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from megatron_qk.data.encode import BACKENDS
 from megatron_qk.data.readers import HubDataset
+from megatron_qk.data.sharding import parse_shard
+from megatron_qk.data.workers import usable_cpus
 
 
 def default_workers() -> int:
-    """CPU cores available to this process."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """CPUs this process may use (affinity and cgroup CPU quota)."""
+    return usable_cpus()[0]
 
 
 @dataclasses.dataclass
@@ -37,6 +38,7 @@ class PreprocessConfig:
     chunk_bytes: int = 1 << 19
     overwrite: bool = False
     progress: bool = True
+    shard: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending option."""
@@ -48,6 +50,15 @@ class PreprocessConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.shard is not None:
+            parse_shard(self.shard)
+            for name in ("max_docs", "max_tokens"):
+                if getattr(self, name) is not None:
+                    flag = f"--{name.replace('_', '-')}"
+                    raise ValueError(
+                        f"{flag} cannot be combined with --shard (each shard would stop on its "
+                        "own count); limit the single job, or shard fewer files"
+                    )
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.shard_size < 1:

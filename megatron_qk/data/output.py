@@ -104,6 +104,7 @@ class OutputRun:
         self.seconds_before = state.seconds  # processing time of earlier, interrupted runs
         self.t0 = t0
         self.writers: dict[str, TokenStreamWriter] = {}
+        self.workers = config.workers  # the pool actually started (the request may be lowered)
 
     def open_writers(self, resume: bool) -> None:
         for split in self.splits:
@@ -262,12 +263,14 @@ class OutputRun:
                 "vocab_size": tok.vocab_size,
                 "dtype": tok.dtype_name,
             },
-            "workers": cfg.workers,
-            "backend": resolve_backend(cfg.workers, cfg.backend),
+            "workers": self.workers,
+            "workers_requested": cfg.workers,
+            "backend": resolve_backend(self.workers, cfg.backend),
             "resumed": resumed_from is not None,
             "resumed_from": resumed_from,
             "processing_seconds_all_runs": round(self.seconds_before + seconds, 3),
             "fingerprint": self.key,
+            "shard": self.identity.get("shard"),
         }
 
     def finalize(self, resumed_from: dict[str, int] | None) -> dict[str, Any]:

@@ -35,8 +35,10 @@ from megatron_qk.data.readers import (
     resolve_inputs,
 )
 from megatron_qk.data.records import RecordConfig
+from megatron_qk.data.sharding import parse_shard, shard_files, shard_hub
 from megatron_qk.data.tokenizer import TokenizerInfo, load_tokenizer
 from megatron_qk.data.workdir import OutputPaths, WorkDir, final_moves, publish
+from megatron_qk.data.workers import plan_workers
 
 __all__ = ["PreprocessConfig", "default_workers", "preprocess", "run_identity"]
 
@@ -45,20 +47,24 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-def _resolve_sources(config: PreprocessConfig) -> tuple[list[Source], int | None]:
-    """Resolve and check the inputs; also returns the total record count when known."""
+def _resolve_sources(config: PreprocessConfig) -> tuple[list[Source], list[Source], int | None]:
+    """Resolve and check the inputs: the whole job's sources, this run's (its ``--shard``) and
+    this run's total record count when known."""
+    shard = parse_shard(config.shard) if config.shard else None
     if config.hf is not None:
-        return [config.hf], None
+        mine = [shard_hub(config.hf, shard)] if shard else [config.hf]
+        return [config.hf], mine, None
     files = resolve_inputs(config.inputs)
+    selected = shard_files(files, shard) if shard else files
     total: int | None = 0
-    for f in files:
+    for f in selected:
         if f.fmt == "parquet":
             rows = check_parquet(f, config.text_key, config.min_int_score is not None)
             total = None if total is None else total + rows
         else:
             check_file(f)
             total = None
-    return list(files), total
+    return list(files), list(selected), total
 
 
 def run_identity(
@@ -108,8 +114,10 @@ def preprocess(
 
     Args:
         config: the options.
-        on_event: called with ``("commit" | "finalizing", manifest)`` after each commit (tests use
-            it to interrupt a run at a precise point).
+        on_event: called with ``("commit" | "finalizing", manifest)`` after each commit, and
+            with ``("workers_started", {"workers": N, "backend": B})`` once the worker pool
+            exists (tests use it to interrupt a run at a precise point, see
+            :mod:`~megatron_qk.data.fault_injection`).
 
     Returns:
         The summary that is also written to ``<prefix>_summary.json``.
@@ -120,9 +128,15 @@ def preprocess(
     """
     t0 = time.perf_counter()
     config.validate()
-    sources, total_records = _resolve_sources(config)
+    job_sources, sources, total_records = _resolve_sources(config)
     tok = load_tokenizer(config.tokenizer)
-    identity = run_identity(config, sources, tok)
+    identity = run_identity(config, job_sources, tok)
+    if config.shard:
+        # The whole job's identity names the job that merge-datasets reassembles.
+        shard = parse_shard(config.shard)
+        job = _fingerprint(identity)
+        identity["sources"] = [s.fingerprint() for s in sources]
+        identity["shard"] = {"index": shard.index, "count": shard.count, "job": job}
     key = _fingerprint(identity)
     paths = OutputPaths(config.output_prefix)
     Path(config.output_prefix).parent.mkdir(parents=True, exist_ok=True)
@@ -194,15 +208,20 @@ def _tokenize(run: OutputRun, sources: list[Source], total_records: int | None) 
         id_key=cfg.id_key,
         max_bytes=cfg.chunk_bytes,
     )
+    run.workers, lowered = plan_workers(cfg.workers, sources, cfg.chunk_bytes)
+    if lowered:
+        logger.info(lowered)
     processor = BatchProcessor(
         record_config,
         tok.encoding,
         cfg.tokenizer,
         tok.eod_id,
         tok.dtype_name,
-        cfg.workers,
+        run.workers,
         cfg.backend,
     )
+    if run.on_event:
+        run.on_event("workers_started", {"workers": run.workers, "backend": processor.backend})
     bar = _progress_bar(cfg, total_records, state.records)
     since_commit = 0
     clean_exit = False

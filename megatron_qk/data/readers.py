@@ -213,6 +213,9 @@ class RawBatch:
         return self.end_record - self.first_record
 
 
+MAX_BATCH_RECORDS = 8192
+"""The most records in one raw batch (besides its byte bound)."""
+
 # The longest JSON line (one document) read from a jsonl / jsonl.gz input. Lines are read with
 # this bound, so a hostile input (a gzip stream of zeros with no newline) fails with an error
 # naming the line instead of growing one line until memory runs out.
@@ -335,7 +338,7 @@ def iter_raw_batches(
     text_key: str = "text",
     id_key: str = "id",
     max_bytes: int = 1 << 19,
-    max_records: int = 8192,
+    max_records: int = MAX_BATCH_RECORDS,
 ) -> Iterator[RawBatch]:
     """Cut the sources, in order, into raw batches, starting at ``(source_index, record_index)``.
 
