@@ -10,7 +10,7 @@ the NGC PyTorch image (docker/Dockerfile), which ships both.
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    "megatron-core==0.16.1",
+    "megatron-core>=0.16.1,<0.20",
     "torch>=2.6",
     "numpy>=1.26",
     "pyyaml>=6.0",
