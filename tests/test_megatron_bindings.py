@@ -457,3 +457,32 @@ def test_the_reverse_guard_catches_a_keyword_our_module_lacks():
     assert reverse_binding_errors([missing])[0] == [
         "megatron.core.transformer.attention.SelfAttention: no call of nope found"
     ]
+
+
+def test_setup_py_declares_the_range_versions_py_supports():
+    """setup.py's megatron-core requirement, versions.py's range and the installed release agree."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from megatron_qk.compat import versions
+
+    tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    declared = [
+        Requirement(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.startswith("megatron-core")
+    ]
+    assert len(declared) == 1, declared
+    spec = declared[0].specifier
+    assert {str(s) for s in spec} == {
+        f">={versions.MIN_VERSION}",
+        f"<{versions.MAX_VERSION_EXCLUSIVE}",
+    }
+    assert versions.is_supported(), versions.INSTALLED
+    for v in ("0.16.1", "0.17.1", "0.18.2", "0.19.2"):
+        assert Version(v) in spec and versions.is_supported(Version(v)), v
+    for v in ("0.15.3", "0.20.0"):
+        assert Version(v) not in spec and not versions.is_supported(Version(v)), v
+    assert versions.LINEAR_TAKES_NAME == (versions.INSTALLED >= Version("0.18"))
