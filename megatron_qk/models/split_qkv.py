@@ -28,7 +28,9 @@ class SplitQKVLinear(MegatronModule):
     """Drop-in for ``SelfAttentionSubmodules.linear_qkv`` with separate Q, K, V parameters.
 
     Parameters are ``linear_q.weight`` ``[np*hn/tp, h]``, ``linear_k.weight`` and
-    ``linear_v.weight`` ``[ng*hn/tp, h]`` (plus biases when enabled).
+    ``linear_v.weight`` ``[ng*hn/tp, h]`` (plus biases when enabled). The arguments are those of
+    ``SelfAttention``'s ``linear_qkv`` call; ``name`` (the module path, passed from megatron-core
+    0.18 on) is handed to the projections where the installed ``ColumnParallelLinear`` takes it.
     """
 
     def __init__(
@@ -46,8 +48,6 @@ class SplitQKVLinear(MegatronModule):
         tp_group: torch.distributed.ProcessGroup | None = None,
         name: str | None = None,
     ):
-        """Args are those of ``SelfAttention``'s ``linear_qkv`` call; ``name`` (the module path,
-        passed by megatron-core 0.18 and later) is handed on to the three projections."""
         super().__init__(config=config)
         if gather_output or skip_bias_add or is_expert:
             raise ValueError("SplitQKVLinear supports only SelfAttention's linear_qkv call")
