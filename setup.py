@@ -1,16 +1,22 @@
 """Package metadata for megatron-qk.
 
-Dependencies are pinned where the project relies on internal behaviour (megatron-core 0.16.1's
-optimizer, scheduler and checkpoint layout). torch is declared as a range that the CPU build
-2.13.0 satisfies: install torch first (``pip install torch==2.13.0`` on CPU) so pip does not pull
-CUDA wheels. transformer-engine and apex are not installable from PyPI in a usable form: on GPU use
-the NGC PyTorch image (docker/Dockerfile), which ships both.
+megatron-core is declared as the range the project is tested with: 0.16.1 on Python 3.11 and
+0.19.2 on Python 3.12 by the whole suite, 0.17.1 and 0.18.2 by reading their internals
+(docs/VERSIONS.md; the range and every version branch live in megatron_qk/compat/versions.py).
+The exact versions of each tested leg are in requirements/constraints-*.txt. torch is declared as
+a range that the CPU build 2.13.0 satisfies: install torch first (``pip install torch==2.13.0`` on
+CPU) so pip does not pull CUDA wheels (on Python 3.12 the registry's 2.13.0 is the CUDA build,
+which runs on the CPU). transformer-engine and apex are not installable from PyPI in a usable
+form: on GPU use the NGC PyTorch image (docker/Dockerfile), which ships both.
 """
 
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    "megatron-core==0.16.1",
+    # Keep in step with megatron_qk/compat/versions.py (MIN_VERSION, MAX_VERSION_EXCLUSIVE).
+    "megatron-core>=0.16.1,<0.20",
+    # megatron_qk.compat.versions compares versions (megatron-core depends on it too).
+    "packaging>=24.2",
     "torch>=2.6",
     "numpy>=1.26",
     "pyyaml>=6.0",

@@ -332,3 +332,157 @@ def test_speed_flags_are_transformer_config_fields(monkeypatch, cuda):
     monkeypatch.setattr(speed, "te_available", lambda: True)
     fields = _config_attributes(CONFIG_NAMES["tf_config"])
     assert set(speed.training_speed_flags(cuda=cuda)) <= fields
+
+
+# ---------------------------------------------------------------------------------------------
+# The reverse direction: megatron-core calling our modules.
+#
+# Our layer spec puts our classes into slots that megatron-core fills by calling them
+# (``SelfAttention`` calls ``submodules.linear_qkv(...)``, ``TransformerBlock`` builds each layer
+# spec with ``build_module``). A keyword a new release starts to pass (0.18 passes ``name=`` to
+# ``linear_qkv``) breaks every model build. This reads the installed megatron-core's source, finds
+# each call site that reaches one of our classes, and binds its argument shape to our signature.
+
+
+@dataclasses.dataclass
+class ReverseSite:
+    """One megatron-core call site that constructs or calls one of our spec modules.
+
+    ``callee``: the called expression's trailing attribute chain (``submodules.linear_qkv``), or
+    ``build_module:<first argument chain>`` for a ``build_module(spec, ...)`` call, whose
+    arguments reach ``spec.module(*args, **spec.params, **kwargs)``.
+    """
+
+    module: str
+    cls: str
+    callee: str
+    target: object
+    extra_keywords: tuple[str, ...] = ()  # the spec's params that build_module adds
+    self_bound: bool = True
+
+
+def _our_reverse_sites() -> list[ReverseSite]:
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_qk.models.qk_capture import capturing_core_attention
+    from megatron_qk.models.specs import _layer_seeded_class
+    from megatron_qk.models.split_qkv import SplitQKVLinear
+
+    attention = "megatron.core.transformer.attention"
+    capturing = capturing_core_attention(DotProductAttention)
+    return [
+        ReverseSite(attention, "SelfAttention", "submodules.linear_qkv", SplitQKVLinear.__init__),
+        ReverseSite(attention, "SelfAttention", "self.linear_qkv", SplitQKVLinear.forward),
+        ReverseSite(attention, "Attention", "submodules.core_attention", capturing.__init__),
+        ReverseSite(attention, "Attention", "self.core_attention", capturing.forward),
+        ReverseSite(
+            "megatron.core.transformer.transformer_block",
+            "TransformerBlock",
+            "build_module:layer_spec",
+            _layer_seeded_class().__init__,
+            # build_module adds the spec's submodules and params (build_block_spec's init_seed).
+            extra_keywords=("submodules", "init_seed"),
+        ),
+    ]
+
+
+def _callee_chain(call: ast.Call) -> str | None:
+    """``a.b(...)`` -> "a.b"; ``apply_module(a.b)(...)`` -> "a.b"; build_module -> its spec."""
+    func = call.func
+    if isinstance(func, ast.Call) and _chain(func.func) == ["apply_module"] and func.args:
+        func = func.args[0]
+    chain = _chain(func)
+    if chain == ["build_module"] and call.args:
+        spec = _chain(call.args[0])
+        return f"build_module:{'.'.join(spec)}" if spec else None
+    return ".".join(chain) if chain else None
+
+
+def reverse_binding_errors(sites: list[ReverseSite]) -> tuple[list[str], int]:
+    """Bind each megatron-core call site to our callable; (errors, call sites checked)."""
+    errors, checked = [], 0
+    for site in sites:
+        module = importlib.import_module(site.module)
+        path = inspect.getsourcefile(module)
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+        classes = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == site.cls]
+        calls = [
+            n
+            for c in classes
+            for n in ast.walk(c)
+            if isinstance(n, ast.Call) and _callee_chain(n) == site.callee
+        ]
+        if not calls:
+            errors.append(f"{site.module}.{site.cls}: no call of {site.callee} found")
+        sig = inspect.signature(site.target)
+        for call in calls:
+            checked += 1
+            where = f"{path}:{call.lineno} ({site.cls} -> {site.callee})"
+            if any(isinstance(a, ast.Starred) for a in call.args):
+                errors.append(f"{where}: *args splat, cannot check")
+                continue
+            keywords = [k.arg for k in call.keywords if k.arg is not None]
+            splat = any(k.arg is None for k in call.keywords)
+            positional = len(call.args) - (1 if site.callee.startswith("build_module:") else 0)
+            args = [None] * (positional + (1 if site.self_bound else 0))
+            kwargs = dict.fromkeys([*keywords, *site.extra_keywords])
+            try:
+                (sig.bind_partial if splat else sig.bind)(*args, **kwargs)
+            except TypeError as exc:
+                errors.append(f"{where}: {site.target.__qualname__}{sig}: {exc}")
+    return errors, checked
+
+
+def test_megatron_calls_into_our_spec_modules_bind_to_our_signatures():
+    """Defect shape of issue 21 item 2: 0.18+ passes ``name=`` to the ``linear_qkv`` builder."""
+    sites = _our_reverse_sites()
+    errors, checked = reverse_binding_errors(sites)
+    assert errors == []
+    assert checked >= len(sites), checked
+
+
+def test_the_reverse_guard_catches_a_keyword_our_module_lacks():
+    """A class without ``**kwargs`` that lacks one keyword megatron passes is reported."""
+
+    def narrow(self, input_size, output_size, *, config, init_method, gather_output, bias):
+        raise AssertionError("never called")
+
+    site = ReverseSite(
+        "megatron.core.transformer.attention", "SelfAttention", "submodules.linear_qkv", narrow
+    )
+    errors, checked = reverse_binding_errors([site])
+    assert checked >= 1
+    assert errors and all("unexpected keyword" in e for e in errors), errors
+    missing = ReverseSite("megatron.core.transformer.attention", "SelfAttention", "nope", narrow)
+    assert reverse_binding_errors([missing])[0] == [
+        "megatron.core.transformer.attention.SelfAttention: no call of nope found"
+    ]
+
+
+def test_setup_py_declares_the_range_versions_py_supports():
+    """setup.py's megatron-core requirement, versions.py's range and the installed release agree."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from megatron_qk.compat import versions
+
+    tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    declared = [
+        Requirement(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.startswith("megatron-core")
+    ]
+    assert len(declared) == 1, declared
+    spec = declared[0].specifier
+    assert {str(s) for s in spec} == {
+        f">={versions.MIN_VERSION}",
+        f"<{versions.MAX_VERSION_EXCLUSIVE}",
+    }
+    assert versions.is_supported(), versions.INSTALLED
+    for v in ("0.16.1", "0.17.1", "0.18.2", "0.19.2"):
+        assert Version(v) in spec and versions.is_supported(Version(v)), v
+    for v in ("0.15.3", "0.20.0"):
+        assert Version(v) not in spec and not versions.is_supported(Version(v)), v
+    assert versions.LINEAR_TAKES_NAME == (versions.INSTALLED >= Version("0.18"))

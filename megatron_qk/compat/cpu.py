@@ -1,4 +1,4 @@
-"""Run megatron-core 0.16.1's training stack on CPU over gloo (active only without CUDA).
+"""Run megatron-core's training stack on CPU over gloo (0.16.1 to 0.19.2; only without CUDA).
 
 megatron-core assumes CUDA in a few dozen places (each is named below with its megatron-core
 file:line). This module makes exactly those places CPU-safe, in one spot, without touching how
@@ -7,7 +7,8 @@ the model computes:
 1. **Per-module torch proxy.** The modules below read ``torch`` as a module global; each gets a
    proxy that forwards everything to ``torch`` except (a) tensor factories whose ``device`` is a
    CUDA device, which are remapped to CPU, and (b) ``torch.cuda``, whose ``current_device`` is the
-   CPU device, ``synchronize``/``empty_cache`` are no-ops and RNG calls go to the CPU generator.
+   CPU device, ``synchronize``/``empty_cache`` are no-ops, ``current_stream`` is a stream whose
+   waits are no-ops and RNG calls go to the CPU generator.
    Only these modules see the proxy; model math elsewhere runs on plain torch with no overhead.
 2. **Tensor.type() strings.** ``distrib_optimizer.py:361,420,582``, ``optimizer.py:671-699`` and
    ``clip_grads.py:167`` compare ``param.type()`` with ``'torch.cuda.FloatTensor'`` etc. and raise
@@ -34,9 +35,10 @@ from typing import Any
 import torch
 
 # Modules whose module-global ``torch`` is replaced by the proxy, with the CUDA sites they hold
-# (megatron/core/...:line in 0.16.1).
+# (megatron/core/...:line in 0.16.1; docs/VERSIONS.md says how 0.17-0.19 were checked).
 PROXIED_MODULES = (
-    # param_data / grad_data buffers on torch.cuda.current_device() (:800, :806)
+    # param_data / grad_data buffers on torch.cuda.current_device() (:800, :806); 0.19 also
+    # waits on torch.cuda.current_stream() in start_grad_sync (0.19.2 :632)
     "megatron.core.distributed.param_and_grad_buffer",
     # inv_freq.to(torch.cuda.current_device()) (:162)
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
@@ -117,6 +119,22 @@ def _factory(fn):
     return wrapper
 
 
+class _CpuStream:
+    """The current "CUDA stream" on the CPU: work is already ordered, so waits are no-ops."""
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
+_CPU_STREAM = _CpuStream()
+
+
 class _CudaNamespaceProxy(types.ModuleType):
     """``torch.cuda`` as seen by the proxied megatron modules on a CPU-only machine."""
 
@@ -134,6 +152,10 @@ class _CudaNamespaceProxy(types.ModuleType):
     @staticmethod
     def empty_cache() -> None:
         return None
+
+    @staticmethod
+    def current_stream(*args, **kwargs) -> _CpuStream:
+        return _CPU_STREAM
 
     @staticmethod
     def manual_seed(seed: int) -> None:

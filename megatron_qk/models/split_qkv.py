@@ -21,12 +21,16 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_qk.compat.versions import linear_name_kwargs
+
 
 class SplitQKVLinear(MegatronModule):
     """Drop-in for ``SelfAttentionSubmodules.linear_qkv`` with separate Q, K, V parameters.
 
     Parameters are ``linear_q.weight`` ``[np*hn/tp, h]``, ``linear_k.weight`` and
-    ``linear_v.weight`` ``[ng*hn/tp, h]`` (plus biases when enabled).
+    ``linear_v.weight`` ``[ng*hn/tp, h]`` (plus biases when enabled). The arguments are those of
+    ``SelfAttention``'s ``linear_qkv`` call; ``name`` (the module path, passed from megatron-core
+    0.18 on) is handed to the projections where the installed ``ColumnParallelLinear`` takes it.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class SplitQKVLinear(MegatronModule):
         is_expert: bool,
         tp_comm_buffer_name: str | None = None,
         tp_group: torch.distributed.ProcessGroup | None = None,
+        name: str | None = None,
     ):
         super().__init__(config=config)
         if gather_output or skip_bias_add or is_expert:
@@ -74,13 +79,25 @@ class SplitQKVLinear(MegatronModule):
             tp_group=tp_group,
         )
         self.linear_q = ColumnParallelLinear(
-            input_size, heads * head_dim, tp_comm_buffer_name=f"{tp_comm_buffer_name}_q", **common
+            input_size,
+            heads * head_dim,
+            tp_comm_buffer_name=f"{tp_comm_buffer_name}_q",
+            **common,
+            **linear_name_kwargs(name and f"{name}.linear_q"),
         )
         self.linear_k = ColumnParallelLinear(
-            input_size, groups * head_dim, tp_comm_buffer_name=f"{tp_comm_buffer_name}_k", **common
+            input_size,
+            groups * head_dim,
+            tp_comm_buffer_name=f"{tp_comm_buffer_name}_k",
+            **common,
+            **linear_name_kwargs(name and f"{name}.linear_k"),
         )
         self.linear_v = ColumnParallelLinear(
-            input_size, groups * head_dim, tp_comm_buffer_name=f"{tp_comm_buffer_name}_v", **common
+            input_size,
+            groups * head_dim,
+            tp_comm_buffer_name=f"{tp_comm_buffer_name}_v",
+            **common,
+            **linear_name_kwargs(name and f"{name}.linear_v"),
         )
         # The three projections only hold parameters (Megatron's local class on both backends, so
         # TE and local checkpoints have one key layout). Forward runs one GEMM on the
@@ -99,6 +116,7 @@ class SplitQKVLinear(MegatronModule):
             skip_weight_param_allocation=True,
             tp_comm_buffer_name=tp_comm_buffer_name,
             tp_group=tp_group,
+            **linear_name_kwargs(name),
         )
         # The interleaved weight is a fresh tensor without ``main_grad``; the fused wgrad kernel
         # would write there. Autograd routes its gradient to linear_q/k/v instead.
