@@ -125,7 +125,7 @@ def test_quickstart_help_shows_every_default(capsys):
     formatter = parser._get_formatter()
     steps = load_config("quickstart").training.train_steps
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(options) == 6
+    assert len(options) == 7  # six of its own and the common --verbose
     for action in options:
         text = formatter._expand_help(action)  # the help as --help prints it
         shown = steps if action.default is None else action.default  # --steps: the preset's

@@ -15,6 +15,7 @@ import sys
 
 from megatron_qk import __version__
 from megatron_qk.config.extras import MissingExtraError
+from megatron_qk.training.noise import quiet_megatron_noise
 
 # name -> (module path, one-line help). Plain text: the help is %-escaped where argparse needs it.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -122,6 +123,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(_module=module)
         if only is None or name == only:
             importlib.import_module(module).configure_parser(p)
+            if "--verbose" not in p._option_string_actions:  # train and sample define their own
+                p.add_argument(
+                    "--verbose",
+                    action="store_true",
+                    help="show Megatron-Core's start-up messages (default: %(default)s)",
+                )
     return parser
 
 
@@ -132,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     # Unknown or missing command: configure nothing, argparse reports the choices.
     parser = build_parser(only=command)
     args = parser.parse_args(argv)
+    # Megatron-Core's known start-up noise (TE/Apex notices, config dumps) is filtered once, here,
+    # before any subcommand imports it; --verbose keeps it.
+    quiet_megatron_noise(verbose=getattr(args, "verbose", False))
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except MissingExtraError as exc:  # an optional package: its extra, not a traceback
