@@ -144,3 +144,21 @@ def test_runs_started_before_init_checkpoint_existed_still_resume(tmp_path):
     warm = tiny(tmp_path / "r", "training.init_checkpoint=somewhere")
     with pytest.raises(ConfigError, match="another recipe"):
         claim_run_dir(tmp_path / "r", warm)  # once set, the key is part of the identity
+
+
+def test_diagnose_rebuilds_the_initialisation_on_the_device_that_drew_it(trained, caplog):
+    """A checkpoint records where its run's initial weights were drawn; `diagnose` rebuilds the
+    initialisation there for the displacement, and leaves the displacement out (with a warning)
+    when that device is a GPU and none is here, instead of measuring from another model."""
+    from megatron_qk.analysis.diagnose import initial_model_device
+    from megatron_qk.training.restore import load_checkpoint_for_analysis
+
+    loaded = load_checkpoint_for_analysis(trained, device="cpu")
+    assert loaded.model.init_device == "cpu"  # recorded by the CPU run that wrote it
+    assert initial_model_device(loaded) == torch.device("cpu")
+    loaded.model.init_device = "cuda"  # as a checkpoint of a GPU run reads
+    if not torch.cuda.is_available():
+        assert initial_model_device(loaded) is None
+        assert "displacement is not measured" in caplog.text
+    else:
+        assert initial_model_device(loaded) == torch.device("cuda")

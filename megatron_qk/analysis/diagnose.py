@@ -24,6 +24,7 @@ from megatron_qk.diagnostics.recorder import AttentionRecorder
 from megatron_qk.rundir.atomic import write_text_atomic
 from megatron_qk.training.data import build_datasets, collate_samples
 from megatron_qk.training.restore import (
+    LoadedCheckpoint,
     build_initial_model,
     load_checkpoint_for_analysis,
     reload_weights,
@@ -161,6 +162,31 @@ def _summary_line(result: dict) -> str:
     )
 
 
+def initial_model_device(loaded: LoadedCheckpoint) -> torch.device | None:
+    """The device to rebuild ``loaded``'s initialisation on, for the Q/K displacement.
+
+    A run's initial weights are drawn on the device it was built for (CUDA and CPU generators
+    give different numbers for one seed), recorded in its checkpoints. Rebuilt anywhere else,
+    the displacement would silently be measured from another model's start.
+
+    Returns:
+        That device, or None (with a warning) when the run was initialised on a GPU and none is
+        here: the displacement is then left out of the results.
+    """
+    recorded = getattr(loaded.model, "init_device", "cpu")
+    if recorded == loaded.device.type:
+        return loaded.device
+    if recorded == "cpu" or torch.cuda.is_available():
+        return torch.device(recorded)
+    logger.warning(
+        "%s was initialised on a GPU; its initialisation cannot be rebuilt on %s, so the Q/K "
+        "displacement is not measured (run diagnose on a GPU host for it)",
+        loaded.run_dir,
+        loaded.device,
+    )
+    return None
+
+
 def diagnose_checkpoints(
     checkpoints: list[Path],
     run_dir: Path,
@@ -210,7 +236,9 @@ def diagnose_checkpoints(
                     loaded, data_prefix, ablation_sequences, batch_size, at_most=True
                 )
             recorder = AttentionRecorder([loaded.model], loaded.cfg.model.num_layers, chunk_size)
-            recorder.snapshot_initial_qk([build_initial_model(loaded.cfg, loaded.device)])
+            init_device = initial_model_device(loaded)
+            if init_device is not None:
+                recorder.snapshot_initial_qk([build_initial_model(loaded.cfg, init_device)])
         else:
             loaded = reload_weights(loaded, ckpt)
         result = diagnose_checkpoint(

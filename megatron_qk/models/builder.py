@@ -152,4 +152,8 @@ def build_gpt_model(
             rotary_base=cfg.model.rotary_base,
             vp_stage=vp_stage,
         )
+    # Where the initial weights were drawn: CUDA and CPU generators give different numbers for
+    # the same seed, so `diagnose` rebuilds a run's initialisation on this device type (the
+    # checkpoint records it, see training/checkpoint.py).
+    model.init_device = "meta" if meta_device else ("cuda" if cuda else "cpu")
     return model

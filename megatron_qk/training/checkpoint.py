@@ -173,6 +173,8 @@ def _write_checkpoint_files(sharded: dict, tmp: Path, model_chunks: list, state:
                 "layout": current_layout(),
                 "padded_vocab": getattr(unwrap_model(model_chunks[0]), "vocab_size", None),
                 "model_settings": state.model_settings,
+                # The device type the run's initial weights were drawn on (models/builder.py).
+                "init_device": getattr(unwrap_model(model_chunks[0]), "init_device", None),
             },
             tmp / TRAIN_STATE_FILE,
         )
@@ -238,6 +240,8 @@ def load_checkpoint(
     else:
         for i, m in enumerate(bare):
             load_canonical_state_dict(m, loaded[f"model{i}"])
+    for m in bare:  # the weights now come from that run's initialisation (older ones: CPU)
+        m.init_device = raw.get("init_device") or "cpu"
     if optimizer is not None:
         load_optimizer_state(optimizer, loaded["optimizer"])
     if restore_rng:
