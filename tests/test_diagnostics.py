@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_qk.diagnostics.probes import (
+    STATS,
     layer_statistics,
     normalized_entropy_sum,
     previous_occurrence,
@@ -27,7 +28,8 @@ def test_uniform_attention_statistics():
     key = torch.randn(s, b, heads, hn)
     tokens = torch.tensor([[5, 7, 5, 5, 9, 7]])
     per_head = layer_statistics(query, key, tokens, scale=0.5, chunk_size=4)
-    assert per_head.shape == (heads, 3, 2)
+    assert per_head.shape == (heads, len(STATS), 2)
+    assert STATS == ("copy", "entropy", "logit", "logit_abs")
     stats = per_head.sum(0)
     copy_sum, copy_count = stats[0].tolist()
     # Repeated positions 2, 3, 5 see 3, 4, 6 keys; two heads each.
@@ -39,6 +41,7 @@ def test_uniform_attention_statistics():
     # Uniform rows: entropy log(n) / log(n) from fp32 exp/log of <= 6 terms, a few ulps (6e-8 each).
     assert ent_count == (s - 1) * heads and ent_sum / ent_count == pytest.approx(1.0, abs=1e-6)
     assert stats[2, 0].item() == 0.0 and stats[2, 1].item() == heads * s * (s + 1) / 2
+    assert stats[3, 0].item() == 0.0 and stats[3, 1].item() == heads * s * (s + 1) / 2  # |z| = 0
 
 
 def test_uniform_copy_baseline_by_hand():
