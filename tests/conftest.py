@@ -7,8 +7,17 @@ With ``MQK_TEST_GPU=1`` (``tools/gpu_check.sh``) only the GPU-marked tests run, 
 """
 
 import os
+import signal
 
 GPU_MODE = os.environ.get("MQK_TEST_GPU") == "1"
+
+# A suite started in the background of a non-interactive shell (`cmd &` in a script, as .ci/run
+# starts its second leg, or nohup) inherits SIGINT ignored, and so does every process a test
+# starts: a Ctrl-C test would then wait for an interruption that never comes. The signal tests
+# play a terminal's Ctrl-C, which reaches processes with Python's default handler, so the suite
+# restores it (a caught signal is reset to the default on exec, which the children then get).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 if not GPU_MODE:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the 2-process tests' children too
 
