@@ -30,7 +30,22 @@ CHATTY_LOGGERS = (
     "megatron.core.optimizer_param_scheduler",  # "> learning rate decay style"
 )
 
+# Log records of other libraries that megatron-core's imports set off on a CPU host: the CUDA
+# build of torch (the py312 leg's) warns from cpp_extension that no CUDA runtime is found.
+NOISE_LOG_RECORDS = {"torch.utils.cpp_extension": "No CUDA runtime is found"}
+
 _quieted = False
+
+
+class _DropMessage(logging.Filter):
+    """Drops the log records whose message starts with ``prefix``; every other record passes."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 def quiet_megatron_noise(verbose: bool = False) -> bool:
@@ -49,5 +64,7 @@ def quiet_megatron_noise(verbose: bool = False) -> bool:
             warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
         for name in CHATTY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+        for name, prefix in NOISE_LOG_RECORDS.items():
+            logging.getLogger(name).addFilter(_DropMessage(prefix))
         _quieted = True
     return True
