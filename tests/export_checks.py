@@ -46,10 +46,12 @@ def assert_megatron_export_matches(run_dir: Path, out: Path) -> None:
     assert cli_main(args) == 0
     loaded = load_checkpoint_for_analysis(run_dir, device=torch.device("cpu"))
     spec_args = json.loads((out / "model_args.json").read_text())
-    norm = spec_args["layer_spec"]["normalization"]
+    layer_spec = spec_args["layer_spec"]
     stock = GPTModel(
         config=transformer_config_from(loaded.cfg),
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization=norm),
+        transformer_layer_spec=get_gpt_layer_local_spec(
+            normalization=layer_spec["normalization"], qk_layernorm=layer_spec["qk_layernorm"]
+        ),
         **spec_args["gpt_model"],
     )
     dist_checkpointing.load(stock.sharded_state_dict(), str(out))

@@ -23,6 +23,7 @@ from megatron_qk.cli import main as cli_main
 from megatron_qk.config.loader import load_config
 from megatron_qk.export.hf import ExportError, hf_architecture
 from megatron_qk.training.entry import train_from_config
+from megatron_qk.training.restore import load_checkpoint_for_analysis
 
 LLAMA = (
     "model.ffn=swiglu",
@@ -86,13 +87,32 @@ def test_megatron_export_loads_into_stock_gpt_model(gpt_run, llama_run, tmp_path
         (("model.ffn=geglu", "model.normalization=rmsnorm", "model.ffn_hidden_size=128"), "Llama"),
         # Bias-free GPT-style: NeoX's always-present MLP biases are written as zeros.
         (("model.bias=false", "model.tie_embeddings=false"), "GPTNeoX"),
+        # QK-norm (per-head RMSNorm before RoPE) with grouped-query attention: Qwen3; the stock
+        # Megatron export carries the norms too.
+        (
+            (
+                "model.ffn=swiglu",
+                "model.normalization=rmsnorm",
+                "model.bias=false",
+                "model.qk_layernorm=true",
+                "model.num_query_groups=2",
+                "model.ffn_hidden_size=128",
+            ),
+            "Qwen3",
+        ),
     ],
-    ids=["llama-geglu-bias-tied", "gpt-biasless-untied"],
+    ids=["llama-geglu-bias-tied", "gpt-biasless-untied", "qwen3-qk-norm-gqa"],
 )
 def test_other_supported_variants_export_with_our_logits(overrides, arch, tmp_path):
     run = _train(tmp_path / "run", *overrides)
     config = assert_hf_export_matches(run, tmp_path / "hf")
     assert config["architectures"] == [f"{arch}ForCausalLM"]
+    if arch == "Qwen3":
+        # The norm weights moved in training (else a model ignoring them would match too).
+        state = load_checkpoint_for_analysis(run, device=torch.device("cpu")).model.state_dict()
+        gain = state["decoder.layers.1.self_attention.q_layernorm.weight"]
+        assert not torch.equal(gain, torch.ones_like(gain))
+        assert_megatron_export_matches(run, tmp_path / "megatron")
 
 
 @pytest.mark.parametrize(
@@ -102,6 +122,11 @@ def test_other_supported_variants_export_with_our_logits(overrides, arch, tmp_pa
         ({"num_query_groups": 2}, "model.num_query_groups"),
         ({"normalization": "rmsnorm"}, "model.ffn: gelu"),
         ({"bias_activation_fusion": True}, "model.bias_activation_fusion"),
+        ({"qk_layernorm": True}, "model.qk_layernorm: true is exported as Qwen3"),
+        (
+            {"qk_layernorm": True, "normalization": "rmsnorm", "ffn": "swiglu", "bias": True},
+            "Qwen3's MLP has no biases",
+        ),
     ],
 )
 def test_variants_without_an_exact_transformers_class_are_refused(overrides, piece):

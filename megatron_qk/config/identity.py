@@ -26,15 +26,43 @@ from megatron_qk.config.loader import config_to_dict, load_config
 from megatron_qk.config.schema import ExperimentConfig
 from megatron_qk.rundir.config_hash import flatten_config, hash_config
 
-ADDED_AFTER_RUNS_EXISTED = ("training.init_checkpoint", "training.eval_interval_frac")
-"""Keys added once runs had been recorded: hashed only when set, so a run (or a table's reuse
-index) recorded before the key existed, where it is null, keeps its hash."""
+ADDED_AFTER_RUNS_EXISTED = (
+    "training.init_checkpoint",
+    "training.eval_interval_frac",
+    "model.qk_layernorm",
+)
+"""Keys (or whole sections) added once runs had been recorded: hashed only when set away from
+their default, so a run (or a table's reuse index) recorded before the key existed keeps its
+hash."""
+
+
+def _field_default(dotted: str) -> object:
+    """The schema default of a dotted key (a dict of its leaves for a section)."""
+    *sections, name = dotted.split(".")
+    cls: type = ExperimentConfig
+    for section in sections:  # the section's type: its own defaults may not construct alone
+        cls = typing.get_type_hints(cls)[section]
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)  # listed keys exist
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    value = field.default_factory()  # type: ignore[misc]
+    return flatten_config(dataclasses.asdict(value)) if dataclasses.is_dataclass(value) else value
 
 
 def unset_added_keys(config_dict: dict) -> frozenset[str]:
-    """The keys of :data:`ADDED_AFTER_RUNS_EXISTED` that ``config_dict`` leaves null."""
+    """The dotted leaf keys of :data:`ADDED_AFTER_RUNS_EXISTED` that ``config_dict`` leaves at
+    their defaults (a section counts only when every key of it is at its default)."""
     flat = flatten_config(config_dict)
-    return frozenset(k for k in ADDED_AFTER_RUNS_EXISTED if flat.get(k) is None)
+    out: set[str] = set()
+    for added in ADDED_AFTER_RUNS_EXISTED:
+        default = _field_default(added)
+        if isinstance(default, dict):
+            keys = {k: default.get(k[len(added) + 1 :]) for k in flat if k.startswith(added + ".")}
+        else:
+            keys = {added: default} if added in flat else {}
+        if all(flat[k] == v for k, v in keys.items()):
+            out.update(keys)
+    return frozenset(out)
 
 
 def identity_excluded_keys(cls: type = ExperimentConfig, prefix: str = "") -> frozenset[str]:

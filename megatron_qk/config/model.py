@@ -53,6 +53,10 @@ class ModelConfig:
     # Give W_Q, W_K, W_V their own parameters (needed to give Q/K their own learning rate).
     # The split projection re-emits Megatron's fused layout, so the model is the same function.
     split_qkv: bool = True
+    # QK-norm (OLMo 2, Qwen3, Gemma 3): normalise each head's query and key, before RoPE, with
+    # the recipe's normalization (Megatron-Core's qk_layernorm; weights of size head_dim shared
+    # by the heads of a layer, parameter roles q_norm / k_norm).
+    qk_layernorm: bool = False
     # Fused bias+activation kernels. Fused GELU/GEGLU use the tanh approximation, unfused exact
     # erf: keep this identical across compared arms. Off on CPU (needs torch.compile).
     bias_activation_fusion: bool = False

@@ -10,7 +10,7 @@ from typing import Literal
 from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.release import ReleaseConfig
 
-PARAM_ROLES = ("q", "k", "v", "o", "fc1", "fc2", "norm")
+PARAM_ROLES = ("q", "k", "v", "o", "fc1", "fc2", "norm", "q_norm", "k_norm")
 # Layer selections a rule may name instead of explicit ranges; their meaning (which global layer
 # numbers are "upper") belongs to the model, which expands them.
 LAYER_KEYWORDS = ("upper_half", "lower_half", "all")
@@ -60,7 +60,8 @@ class MultiplierRuleConfig(ReleaseConfig):
     name: str = "upper_qk"
     # Layers: "upper_half", "lower_half", "all", or explicit 1-based global ranges like "11-20,3".
     layers: str = "upper_half"
-    # Parameter roles: any of q, k, v, o, fc1, fc2, norm (q/k/v need model.split_qkv: true).
+    # Parameter roles: any of q, k, v, o, fc1, fc2, norm, q_norm, k_norm (q/k/v need
+    # model.split_qkv: true; q_norm/k_norm, the QK-norm weights, model.qk_layernorm: true).
     roles: list[str] = field(default_factory=lambda: ["q", "k"])
     # Learning-rate multiplier during the hold.
     multiplier: float = 0.25

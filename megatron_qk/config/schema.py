@@ -87,6 +87,14 @@ class ExperimentConfig:
                         "slow V too)",
                     )
 
+        for i, rule in enumerate(self.optim.rules):
+            if set(rule.roles) & {"q_norm", "k_norm"} and not m.qk_layernorm:
+                raise ConfigError(
+                    f"optim.rules[{i}].roles",
+                    "q_norm/k_norm roles need model.qk_layernorm: true (without QK-norm the "
+                    "rule would select no parameter)",
+                )
+
     def validate_world(self, world_size: int) -> None:
         """Check the checks that need the number of processes (before any process group).
 

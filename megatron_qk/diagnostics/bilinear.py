@@ -14,6 +14,14 @@ Both are computed without forming the ``d x d`` matrix: for ``B = A^T C`` with t
 ``A, C`` (``[r, d]``), QR-factorising ``A^T = Q_a R_a`` and ``C^T = Q_c R_c`` gives
 ``B = Q_a (R_a R_c^T) Q_c^T`` with orthonormal ``Q_a, Q_c``, so ``sigma(B) = sigma(R_a R_c^T)``,
 an ``r x r`` problem. The displacement uses ``B - B0 = [A; -A0]^T [C; C0]`` (``r = 2 hn``).
+
+*With QK-norm* (``model.qk_layernorm``) attention does not see ``W_q x`` but its per-head norm
+``gamma_q * n(W_q x) (+ beta_q)``: the norm removes the scale of ``W_q``, so ``W_Q^T W_K`` no
+longer sets the logits. The form the logit applies to the normalised query and key (unit RMS,
+``hn``-vectors) is ``diag(gamma_q) diag(gamma_k)``, and :func:`qk_logit_factors` returns those
+factors (``[hn, hn]`` per head) in place of the weights, so the same two statistics measure the
+post-norm form attention uses: ``sigma_1 = max_i |gamma_q,i gamma_k,i|`` and its displacement.
+LayerNorm's ``beta`` (an additive offset of every query/key) is left out, as RoPE is.
 """
 
 from __future__ import annotations
@@ -44,6 +52,30 @@ def qk_head_weights(attention: torch.nn.Module) -> tuple[torch.Tensor, torch.Ten
         wq, wk, _ = fused_qkv_to_split(qkv.weight, np_local, ng_local, hn)
     d = wq.shape[-1]
     return wq.reshape(-1, hn, d), wk.reshape(-1, hn, d)
+
+
+def _norm_gain(norm: torch.nn.Module | None) -> torch.Tensor | None:
+    """The elementwise gain of a QK-norm module, None where there is none (Megatron's
+    ``IdentityOp`` or no module)."""
+    weight = getattr(norm, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def qk_logit_factors(attention: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors ``(A [np, r, d], C [ng, r, d])`` of the per-head logit form ``A^T C``.
+
+    Without QK-norm, the projection weights (:func:`qk_head_weights`). With QK-norm,
+    ``diag(gamma_q)`` per query head and ``diag(gamma_k)`` per key group (``[hn, hn]``; the
+    module docstring says why).
+    """
+    gain_q = _norm_gain(getattr(attention, "q_layernorm", None))
+    gain_k = _norm_gain(getattr(attention, "k_layernorm", None))
+    if gain_q is None or gain_k is None:
+        return qk_head_weights(attention)
+    heads = attention.num_attention_heads_per_partition
+    groups = attention.num_query_groups_per_partition
+    dq, dk = torch.diag(gain_q.detach()), torch.diag(gain_k.detach())
+    return dq.expand(heads, -1, -1), dk.expand(groups, -1, -1)
 
 
 def _spectral_norm_of_product(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

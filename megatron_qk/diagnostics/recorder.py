@@ -30,7 +30,7 @@ import torch
 from megatron_qk.diagnostics.bilinear import (
     bilinear_displacement,
     bilinear_top_singular_value,
-    qk_head_weights,
+    qk_logit_factors,
 )
 from megatron_qk.diagnostics.probes import (
     STATS,
@@ -138,7 +138,7 @@ class AttentionRecorder:
         self._initial_qk = {}
         for number, attn in attention.items():
             if self.is_upper(number):
-                wq, wk = qk_head_weights(attn)
+                wq, wk = qk_logit_factors(attn)
                 self._initial_qk[number] = (wq.float().cpu().clone(), wk.float().cpu().clone())
 
     # -- hooks -------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ class AttentionRecorder:
         if not self._count_weights:
             return out
         for number, attn in self.attention.items():
-            wq, wk = qk_head_weights(attn)
+            wq, wk = qk_logit_factors(attn)
             heads = slice(self.head_offset, self.head_offset + wq.shape[0])
             row = out[number - 1, heads]
             row[:, 0] = bilinear_top_singular_value(wq.float(), wk.float()).to(device)

@@ -14,6 +14,11 @@ Only architectures that compute exactly our function are written; anything else 
 * LLaMA-style blocks (RMSNorm, gated FFN: SwiGLU -> ``silu``, GEGLU -> exact ``gelu``) ->
   ``LlamaForCausalLM`` (grouped-query attention, ``attention_bias``/``mlp_bias`` follow
   ``model.bias``). Megatron's ``linear_fc1`` holds ``[gate; up]`` (``act(x1) * x2``).
+* LLaMA-style blocks with QK-norm (``model.qk_layernorm``) -> ``Qwen3ForCausalLM``: Qwen3's
+  ``q_norm``/``k_norm`` are RMSNorms of size ``head_dim`` applied to each head before RoPE, as
+  Megatron's ``q_layernorm``/``k_layernorm``. Qwen3's MLP has no biases, so ``bias: true`` is
+  refused. OLMo-2 normalises the whole query/key projection (all heads together), another
+  function, and GPT-NeoX has no QK-norm: GPT-style QK-norm models are refused by name.
 
 The embedding and output layer are cut to the tokenizer's vocabulary: the padded rows of
 Megatron's table are never indexed, and our evaluation normalises over the real vocabulary only
@@ -52,6 +57,19 @@ def hf_architecture(m: ModelConfig) -> str:
             "model.bias_activation_fusion: true uses the tanh GELU approximation in training; "
             "the exported activations are exact (erf), so the export would be another function"
         )
+    if m.qk_layernorm:
+        if m.normalization != "rmsnorm" or m.ffn == "gelu":
+            raise ExportError(
+                "model.qk_layernorm: true is exported as Qwen3 (RMSNorm, gated FFN, per-head "
+                f"RMS QK-norm); normalization: {m.normalization} with ffn: {m.ffn} has no "
+                "transformers class with per-head QK-norm (GPT-NeoX has none; OLMo-2 normalises "
+                "all heads together)"
+            )
+        if m.bias:
+            raise ExportError(
+                "model.qk_layernorm: true with model.bias: true: Qwen3's MLP has no biases"
+            )
+        return "Qwen3ForCausalLM"
     if m.normalization == "layernorm":
         if m.ffn != "gelu":
             raise ExportError(
@@ -112,7 +130,7 @@ def hf_config(cfg: ExperimentConfig, vocab_size: int, eod_id: int) -> dict:
             "rotary_pct": 1.0,
             "rotary_emb_base": float(m.rotary_base),
         }
-    return {
+    llama = {
         **common,
         "model_type": "llama",
         "num_key_value_heads": m.query_groups,
@@ -123,6 +141,10 @@ def hf_config(cfg: ExperimentConfig, vocab_size: int, eod_id: int) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rotary_base)},
         "rope_theta": float(m.rotary_base),  # the key of transformers < 5
     }
+    if arch == "Qwen3ForCausalLM":
+        del llama["mlp_bias"]
+        return {**llama, "model_type": "qwen3", "use_sliding_window": False}
+    return llama
 
 
 def _split_qkv(state: dict, prefix: str, m: ModelConfig, name: str):
@@ -192,6 +214,9 @@ def hf_state_dict(state: dict, cfg: ExperimentConfig, vocab_size: int) -> dict[s
             continue
         for name, w in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)):
             out[f"{dst}self_attn.{name}.weight"] = w
+        if m.qk_layernorm:  # Qwen3: one RMSNorm of size head_dim for the queries, one for keys
+            out[dst + "self_attn.q_norm.weight"] = state[att + "q_layernorm.weight"]
+            out[dst + "self_attn.k_norm.weight"] = state[att + "k_layernorm.weight"]
         if qkv_bias is not None:
             for name, b in zip(("q_proj", "k_proj", "v_proj"), qkv_bias):
                 out[f"{dst}self_attn.{name}.bias"] = b

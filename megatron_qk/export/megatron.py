@@ -27,7 +27,11 @@ def stock_model_args(cfg: ExperimentConfig) -> dict:
 
     m = cfg.model
     return {
-        "layer_spec": {"function": "get_gpt_layer_local_spec", "normalization": _norm(m)},
+        "layer_spec": {
+            "function": "get_gpt_layer_local_spec",
+            "normalization": _norm(m),
+            "qk_layernorm": m.qk_layernorm,
+        },
         "transformer_config": {
             "num_layers": m.num_layers,
             "hidden_size": m.hidden_size,
@@ -41,6 +45,7 @@ def stock_model_args(cfg: ExperimentConfig) -> dict:
             "layernorm_epsilon": m.norm_epsilon,
             "add_bias_linear": m.bias,
             "add_qkv_bias": m.bias,
+            "qk_layernorm": m.qk_layernorm,
             "bias_activation_fusion": m.bias_activation_fusion,
         },
         "gpt_model": {
@@ -69,7 +74,9 @@ def build_stock_model(cfg: ExperimentConfig):
     config = transformer_config_from(cfg)
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization=_norm(cfg.model)),
+        transformer_layer_spec=get_gpt_layer_local_spec(
+            normalization=_norm(cfg.model), qk_layernorm=cfg.model.qk_layernorm
+        ),
         vocab_size=padded_vocab_size(cfg),
         max_sequence_length=cfg.model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -55,6 +55,7 @@ def transformer_config_from(cfg: ExperimentConfig, bf16: bool = False, **overrid
         layernorm_epsilon=m.norm_epsilon,
         add_bias_linear=m.bias,
         add_qkv_bias=m.bias,
+        qk_layernorm=m.qk_layernorm,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,

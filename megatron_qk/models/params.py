@@ -7,8 +7,9 @@ every parameter carries
   owns it (``None`` outside transformer layers). Megatron numbers layers locally per pipeline
   stage in module names (``decoder.layers.0`` on every stage) but ``layer.layer_number`` is
   global, so a rule selects the same parameters whatever the TP/PP layout.
-* ``param.mqk_role``: one of ``q k v qkv o fc1 fc2 norm embedding output final_norm other``
-  (``qkv`` is the fused projection when ``model.split_qkv`` is false).
+* ``param.mqk_role``: one of ``q k v qkv o fc1 fc2 norm q_norm k_norm embedding output
+  final_norm other`` (``qkv`` is the fused projection when ``model.split_qkv`` is false;
+  ``q_norm``/``k_norm`` the per-head query/key norms of ``model.qk_layernorm``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,21 @@ from megatron_qk.config.model import ModelConfig
 LAYER_ATTR = "mqk_layer_number"
 ROLE_ATTR = "mqk_role"
 
-ROLES = ("q", "k", "v", "qkv", "o", "fc1", "fc2", "norm", "embedding", "output", "final_norm")
+ROLES = (
+    "q",
+    "k",
+    "v",
+    "qkv",
+    "o",
+    "fc1",
+    "fc2",
+    "norm",
+    "q_norm",
+    "k_norm",
+    "embedding",
+    "output",
+    "final_norm",
+)
 
 # (substring of the parameter name inside a layer, role); first match wins.
 _LAYER_RULES = (
@@ -36,8 +51,8 @@ _LAYER_RULES = (
     ("mlp.linear_fc2.", "fc2"),
     ("input_layernorm.", "norm"),
     ("pre_mlp_layernorm.", "norm"),
-    ("q_layernorm.", "norm"),
-    ("k_layernorm.", "norm"),
+    ("q_layernorm.", "q_norm"),
+    ("k_layernorm.", "k_norm"),
 )
 
 
@@ -123,7 +138,9 @@ def expected_parameter_count(model_cfg: ModelConfig, padded_vocab: int) -> int:
     attention = h * qkv_out + b * qkv_out + heads * hn * h + b * h
     fc1_out = ffn * (2 if gated else 1)
     mlp = h * fc1_out + b * fc1_out + ffn * h + b * h
-    per_layer = attention + mlp + 2 * norm
+    # QK-norm: one norm of size head_dim for the queries and one for the keys of a layer.
+    qk_norm = 2 * (norm // h) * hn if model_cfg.qk_layernorm else 0
+    per_layer = attention + mlp + 2 * norm + qk_norm
     embedding = padded_vocab * h
     output = 0 if model_cfg.tie_embeddings else padded_vocab * h
     return embedding + model_cfg.num_layers * per_layer + norm + output

@@ -95,18 +95,25 @@ def build_layer_spec(model_cfg: ModelConfig, use_te: bool, cuda: bool | None = N
     )
     from megatron.core.transformer.spec_utils import ModuleSpec
 
+    # QK-norm (model.qk_layernorm) is Megatron's own q_layernorm / k_layernorm slots: the norm
+    # runs on each head's query and key inside SelfAttention, before RoPE and before core
+    # attention, so the capture below (and every probe) sees the normalised Q/K.
+    qk_norm = model_cfg.qk_layernorm
     if use_te:
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
     else:
         norm = "RMSNorm" if model_cfg.normalization == "rmsnorm" else "LayerNorm"
-        spec = get_gpt_layer_local_spec(normalization=norm)
+        spec = get_gpt_layer_local_spec(normalization=norm, qk_layernorm=qk_norm)
     spec = copy.deepcopy(spec)
+    attention = spec.submodules.self_attention.submodules
     if not use_te and not target_is_cuda(cuda):
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
         spec.submodules.input_layernorm = WrappedTorchNorm
         spec.submodules.pre_mlp_layernorm = WrappedTorchNorm
-    attention = spec.submodules.self_attention.submodules
+        if qk_norm:  # the local spec's QK norms are apex's FusedLayerNorm where apex imports
+            attention.q_layernorm = WrappedTorchNorm
+            attention.k_layernorm = WrappedTorchNorm
     # Post-RoPE Q/K reach the diagnostics and the entropy floor through core attention.
     core = attention.core_attention
     if isinstance(core, ModuleSpec):

@@ -31,6 +31,7 @@ SHAPE_KEYS = (
     "vocab_pad_multiple",
     "tie_embeddings",
     "split_qkv",
+    "qk_layernorm",
 )
 
 
