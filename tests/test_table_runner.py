@@ -13,7 +13,12 @@ from test_run_finder import make_run
 
 from megatron_qk.analysis.smoke_tasks import SMOKE_EVAL_DIR
 from megatron_qk.analysis.table_plan import build_plan, gpu_hours
-from megatron_qk.analysis.table_runner import SMOKE_OVERRIDES, TableError, smoke_eval_options
+from megatron_qk.analysis.table_runner import (
+    SMOKE_OVERRIDES,
+    TableError,
+    smoke_eval_options,
+    train_runs,
+)
 from megatron_qk.cli import main
 from megatron_qk.config.loader import load_config
 from megatron_qk.data.tokenizer import load_tokenizer
@@ -113,3 +118,23 @@ def test_smoke_stand_ins_are_the_paper_suite(tmp_path):
 def test_smoke_refuses_tasks_without_a_stand_in(tmp_path):
     with pytest.raises(TableError, match="stand-ins for the paper's suite only.*not for boolq"):
         smoke_eval_options(_eval_tasks(tmp_path, "paper,boolq"), tmp_path / "runs")
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+def test_eval_follows_each_finished_run_of_a_table_with_eval_tasks(tmp_path, monkeypatch, smoke):
+    monkeypatch.delenv("EVAL", raising=False)
+    table = _table(tmp_path, "tbl", ["control", "intervention"])
+    _eval_tasks(table, "paper")
+    runs = tmp_path / "runs"
+    for arm in ("control", "intervention"):
+        make_run(runs / "tbl", arm, 1)
+    calls: list[list[str]] = []
+    train_runs(table, runs, calls.append, smoke=smoke)
+    stand_ins = runs / SMOKE_EVAL_DIR
+    extra = ["--tokenizer", f"{stand_ins / 'tokenizer.json'}::<|endoftext|>",
+             "--task-dir", str(stand_ins / "tasks")] if smoke else []  # fmt: skip
+    assert calls == [
+        ["eval", "--checkpoint", str(runs / "tbl" / f"{arm}-s1"), "--tasks", "paper", *extra]
+        for arm in ("control", "intervention")
+    ]
+    assert stand_ins.is_dir() == smoke  # a cluster run writes no stand-ins

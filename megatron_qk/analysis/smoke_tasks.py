@@ -147,7 +147,7 @@ def _write_if_changed(path: Path, text: str) -> None:
         write_text_atomic(path, text)
 
 
-def _write_task(task_dir: Path, cache_dir: Path, name: str, docs: list[dict], config: dict):
+def _write_task(task_dir: Path, cache_dir: Path, name: str, docs: list[dict], config: dict) -> None:
     data = task_dir / f"{name}.jsonl"
     _write_if_changed(data, "".join(json.dumps(d, sort_keys=True) + "\n" for d in docs))
     spec = {
