@@ -5,8 +5,10 @@ in-process), so the runs Table 1 trains are linked into Tables 3, 4, 6, 7, 9 and
 on a cluster. Each test checks that a table's documented analysis output has every row and
 column of the paper's table, linked runs included. Reduced for CI: seed 1 only (Tables 1 and 11
 have three seeds in the paper; one seed still gives every row and column, "n/a" standard
-deviations), the model of :data:`SMOKE_OVERRIDES`; Table 2 (lm-eval downstream tasks) is not
-run.
+deviations), the model of :data:`SMOKE_OVERRIDES`. Table 2 runs through ``megatron-qk eval`` of
+both Table 1 runs, offline, on stand-ins of the seven lm-eval tasks with a character tokenizer of
+the smoke vocabulary (:mod:`megatron_qk.analysis.smoke_tasks`): its rows, both metrics and the
+numbers from ``eval.json`` to ``compare``, not the real tasks' data.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import pytest
 from megatron_qk.analysis.table_plan import resolve_tables
 from megatron_qk.analysis.table_runner import SMOKE_OVERRIDES, run_cli_command, run_table
 from megatron_qk.cli import main
+from megatron_qk.evaluation.suite import PAPER_SUITE
 
 COLUMNS = ("upper_entropy", "upper_logit", "upper_logit_abs", "lower_copy")
+TABLE2_LABELS = ["PIQA", "HellaSwag", "ARC-Easy", "ARC-Challenge", "RACE", "LAMBADA", "MMLU"]
+NO_ACC_NORM = ("lambada", "mmlu")  # the paper's Table 2 shows acc for these under acc_norm too
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +70,56 @@ def test_table1_table8_table12_figure3(runs):
     for arm in ("control", "intervention"):
         results = _json(t1 / f"{arm}-s1" / "diagnose.json")["results"]
         assert results and all("locality" in r for r in results), arm
+
+
+def _check_table2(table: dict, reports: dict[str, dict], metric: str) -> None:
+    """Every row of the paper's Table 2, each arm's value the one its eval.json reports."""
+    assert list(table) == ["intervention"]  # intervention vs control
+    data = table["intervention"]
+    assert data["metric"] == metric and data["seeds"] == [1] and not data["skipped"]
+    assert [r["task"] for r in data["rows"]] == list(PAPER_SUITE)
+    assert [r["label"] for r in data["rows"]] == TABLE2_LABELS
+    means = {}
+    for key, arm in (("control", "control"), ("treatment", "intervention")):
+        values = []
+        for row in data["rows"]:
+            task = reports[arm]["tasks"][row["task"]]
+            used = "acc" if metric == "acc" or row["task"] in NO_ACC_NORM else "acc_norm"
+            assert row["metric"] == used, (row["task"], metric)
+            assert row[key]["values"] == {"1": task[used]}, (arm, row["task"])
+            values.append(task[used])
+        means[key] = sum(values) / len(values)
+    assert data["mean"]["tasks"] == list(PAPER_SUITE)
+    for key, mean in means.items():
+        assert data["mean"][key]["mean"] == pytest.approx(mean, abs=1e-12), key
+
+
+def test_table2_downstream_on_stand_in_tasks(runs, tmp_path, capsys):
+    t1 = runs / "table1_gpt270m"
+    reports = {arm: _json(t1 / f"{arm}-s1" / "eval.json") for arm in ("control", "intervention")}
+    for arm, report in reports.items():  # every task of the suite, with its own metrics
+        tasks = report["tasks"]
+        assert list(tasks) == list(PAPER_SUITE) and report["step"] == 20, arm
+        assert report["tokenizer"]["vocab"] == 128, arm
+        for name in PAPER_SUITE:
+            assert tasks[name]["acc"] is not None and tasks[name]["samples"] > 0, (arm, name)
+            assert (tasks[name].get("acc_norm") is None) == (name in NO_ACC_NORM), (arm, name)
+        assert tasks["lambada"]["harness_task"] == "lambada_openai"
+        assert tasks["lambada"]["perplexity"] > 0
+        assert tasks["mmlu"]["group"] and tasks["mmlu"]["subtasks"] == 2, arm
+    # The run of the table wrote Table 2 into compare.json (acc) ...
+    eval_table = _json(t1 / "compare.json")["eval_table"]
+    assert eval_table["metric"] == "acc" and eval_table["control_arm"] == "control"
+    _check_table2(eval_table["tables"], reports, "acc")
+    # ... and compare --metric acc_norm prints the normalised view (acc for LAMBADA and MMLU).
+    out = tmp_path / "compare_acc_norm.json"
+    assert main(["compare", str(t1), "--metric", "acc_norm", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Downstream evaluation (Table 2): intervention vs control" in printed
+    for label in [*TABLE2_LABELS, "Mean"]:
+        suffix = " (acc)" if label in ("LAMBADA", "MMLU") else ""
+        assert f"\n| {label}{suffix} | " in printed, label
+    _check_table2(_json(out)["eval_table"]["tables"], reports, "acc_norm")
 
 
 def test_table3_every_pair(runs):

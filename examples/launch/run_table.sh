@@ -23,7 +23,8 @@
 #             or linked) and their GPU-hours (MFU=0.4 and PEAK_TFLOPS=989 by default)
 #   SMOKE=1   every recipe on the CPU in one process, model shrunk to a tiny shape and 20 steps,
 #             every other setting kept (rules, floor, fixed releases, multipliers, stop_at_frac,
-#             evaluation grid); synthetic data, no downstream evaluation; then the analysis
+#             evaluation grid); synthetic data; the downstream evaluation offline with a
+#             character tokenizer and stand-in tasks (plumbing only); then the analysis
 #   SEPARATE_RUNS=1  train arms identical to another table's run apart from their label as
 #             separate runs (default: linked)
 #   EVAL=0    skip the downstream evaluation of tables with an eval_tasks file

@@ -16,10 +16,13 @@ line; ``{runs}`` is the table's run directory, ``{runs_dir}`` RUNS_DIR, and a li
 ``{group}`` runs once per group directory), or ``compare`` of each group without that file. A
 command that cannot produce its table fails the runner (exit 2, with the command's reason).
 
-Smoke mode (``SMOKE=1``) trains every run on the CPU with the model shrunk to a tiny shape and
-few steps (:data:`SMOKE_OVERRIDES`) and keeps every other setting: rules, the entropy floor, fixed
-releases, multipliers, ``stop_at_frac`` and the evaluation grid. Data is synthetic and the
-downstream evaluation (Table 2, which needs the lm-eval task data) is not run.
+Smoke mode (``SMOKE=1``) trains every run in this process with the model shrunk to a tiny shape
+and few steps (:data:`SMOKE_OVERRIDES`) and keeps every other setting: rules, the entropy floor,
+fixed releases, multipliers, ``stop_at_frac`` and the evaluation grid. Data is synthetic. The
+downstream evaluation (Table 1's ``eval_tasks``, giving Table 2) runs through the same
+``megatron-qk eval`` command, offline, with a character tokenizer of the smoke vocabulary and
+local stand-ins of the paper's tasks (:mod:`megatron_qk.analysis.smoke_tasks`, written once under
+``RUNS_DIR/.smoke_eval``): it checks the plumbing, not the tasks.
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from megatron_qk.analysis.smoke_tasks import SMOKE_VOCAB, prepare_smoke_eval
 from megatron_qk.analysis.table_plan import plan_run, table_recipes, table_seeds
 from megatron_qk.config.loader import load_config
+from megatron_qk.evaluation.suite import PAPER_SUITE, parse_task_list
 from megatron_qk.rundir.config_hash import run_state
 
 LAUNCH = Path(__file__).resolve().parents[2] / "examples" / "launch"
 DONE = ("finished", "stopped")
 # The tiny shape of smoke mode: 2 layers (one lower, one upper), width 32, 2 heads, 32 tokens,
-# 20 steps of 4 sequences, synthetic data, one validation batch, 2 probe sequences. The FFN width
+# 20 steps of 4 sequences, synthetic data, one validation batch, 2 probe sequences, a vocabulary of
+# 128 ids (the character tokenizer of the smoke evaluation: smoke_tasks). The FFN width
 # keeps its ratio to the width (smoke_overrides), so Table 5's FFN widths stay distinct.
 SMOKE_WIDTH = 32
 SMOKE_OVERRIDES = (
@@ -44,7 +50,7 @@ SMOKE_OVERRIDES = (
     f"model.hidden_size={SMOKE_WIDTH}",
     "model.num_attention_heads=2",
     "model.seq_length=32",
-    "model.vocab_size=128",
+    f"model.vocab_size={SMOKE_VOCAB}",  # the ids of the smoke evaluation's tokenizer
     "data.kind=synthetic",
     "data.synthetic_vocab=64",
     "training.train_tokens=null",
@@ -149,11 +155,33 @@ def train_runs(
                 index.parent.mkdir(parents=True, exist_ok=True)
                 index.write_text(f"{out}\n", encoding="utf-8")
             tasks = table_dir / "eval_tasks"
-            if tasks.is_file() and not smoke and os.environ.get("EVAL", "1") == "1":
+            if tasks.is_file() and os.environ.get("EVAL", "1") == "1":
                 if not (out / "eval.json").exists() and run_state(out) == "finished":
                     names = "".join(tasks.read_text(encoding="utf-8").split())
-                    run_command(["eval", "--checkpoint", str(out), "--tasks", names])
+                    argv = ["eval", "--checkpoint", str(out), "--tasks", names]
+                    run_command([*argv, *(smoke_eval_options(tasks, runs_dir) if smoke else ())])
     return groups
+
+
+def smoke_eval_options(tasks: Path, runs_dir: Path) -> list[str]:
+    """The ``megatron-qk eval`` options of smoke mode: the stand-in tokenizer and tasks.
+
+    Args:
+        tasks: the table's ``eval_tasks`` file.
+        runs_dir: where the stand-ins are written (``RUNS_DIR/.smoke_eval``).
+
+    Raises:
+        TableError: when ``eval_tasks`` names a task without a stand-in (it would need the
+            network).
+    """
+    names = parse_task_list("".join(tasks.read_text(encoding="utf-8").split()))
+    missing = [n for n in names if n not in PAPER_SUITE]
+    if missing:
+        raise TableError(
+            f"{tasks}: smoke mode has stand-ins for the paper's suite only "
+            f"({', '.join(PAPER_SUITE)}), not for {', '.join(missing)}"
+        )
+    return prepare_smoke_eval(runs_dir)
 
 
 def analysis_commands(table_dir: Path, runs_dir: Path, groups: list[Path]) -> list[list[str]]:

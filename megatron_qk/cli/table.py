@@ -38,8 +38,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="every recipe on the CPU in this process at a tiny shape and 20 steps, every "
-        "other setting kept; then the analysis",
+        help="every recipe in this process at a tiny shape and 20 steps, every other setting "
+        "kept, synthetic data; the downstream evaluation offline on stand-in tasks; then the "
+        "analysis",
     )
     parser.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
     parser.add_argument(
