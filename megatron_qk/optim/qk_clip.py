@@ -45,8 +45,13 @@ def qk_row_scales(
     etas: torch.Tensor, q_per_group: int, head_dim: int, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row factors of W_Q (``eta**alpha`` per row of the group's query heads) and of W_K
-    (``eta**(1-alpha)`` per row of the group's key head)."""
-    q = torch.pow(etas, alpha).repeat_interleave(q_per_group * head_dim)
+    (``eta**(1-alpha)`` per row of the group's key head).
+
+    The powers are taken on tensors of Megatron's shapes (Q: one eta per row, K: one per group):
+    ``pow``'s vectorised and scalar kernels can differ in the last bit, and this keeps the
+    update bit-identical to ``SelfAttention.clip_qk`` (tests/test_qk_clip.py).
+    """
+    q = torch.pow(etas.repeat_interleave(q_per_group * head_dim), alpha)
     k = torch.pow(etas, 1 - alpha).repeat_interleave(head_dim)
     return q, k
 
