@@ -39,7 +39,7 @@ def format_step_line(record: dict, total: int, eta_seconds: float | None) -> str
     if record.get("grad_norm") is not None:
         parts.append(f"grad norm {record['grad_norm']:.3f}")
     if record.get("max_attention_logit") is not None:  # optim.qk_clip (clip or log_only)
-        parts.append(f"max logit {record['max_attention_logit']:.2f}")
+        parts.append(f"max logit {record['max_attention_logit']:.4g}")
     parts += [
         f"{1000 * record['step_seconds']:.1f} ms/step",
         f"{_count(record['tokens_per_second'])} tok/s",
