@@ -4,6 +4,7 @@ master copy under the distributed optimizer, the bound on the next step, resume,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -106,6 +107,49 @@ def test_clip_equals_megatron_clip_qk_on_the_fused_model(single_rank, groups):
         torch.testing.assert_close(v1, v0, rtol=0, atol=0)
 
 
+def test_megatron_clip_qk_runs_on_the_logits_we_collect(single_rank):
+    """Our collection fills Megatron's ``current_max_attn_logits`` so that its own
+    ``SelfAttention.clip_qk`` runs on it (fused model, GQA), and the stock fused model and our
+    split twin collect the same logits and come out of the clip with the same weights."""
+    from megatron.core.optimizer.qk_clip import clip_qk
+
+    common = ("model.num_query_groups=2", "model.bias=false", "optim.qk_clip.enabled=true")
+    stock_cfg = _cfg(*common, "model.split_qkv=false")
+    split_cfg = _cfg(*common)
+    stock = build_gpt_model(stock_cfg, config=transformer_config_from(stock_cfg, qk_clip=True))
+    split = build_gpt_model(split_cfg, init_seed=13)
+    _split_twin(stock, split, 2, stock_cfg.model.head_dim)
+    clips = []
+    for model, cfg in ((stock, stock_cfg), (split, split_cfg)):
+        clips.append(QKClip(cfg.optim.qk_clip, [model], None, 2))
+        clips[-1].collect(True)
+        _forward(model, cfg)
+        clips[-1].collect(False)
+    layers = zip(stock.decoder.layers, split.decoder.layers)
+    collected = [a.self_attention.core_attention.current_max_attn_logits for a, _ in layers]
+    for layer, want in zip(split.decoder.layers, collected):
+        torch.testing.assert_close(
+            layer.self_attention.core_attention.current_max_attn_logits, want, rtol=0, atol=0
+        )
+    threshold = float(torch.stack(collected).median())  # some groups over it, some not
+    for model in (stock, split):
+        for layer in model.decoder.layers:
+            layer.self_attention.config.qk_clip_threshold = threshold
+    clips[1].cfg = dataclasses.replace(clips[1].cfg, threshold=threshold)
+    clip_qk([types.SimpleNamespace(module=types.SimpleNamespace(module=stock))])
+    clips[1].after_step()
+    assert clips[1].last_etas
+    for a, b in zip(stock.decoder.layers, split.decoder.layers):
+        q, k = (
+            b.self_attention.linear_qkv.linear_q.weight,
+            b.self_attention.linear_qkv.linear_k.weight,
+        )
+        fused = split_qkv_to_fused(
+            q, k, b.self_attention.linear_qkv.linear_v.weight, 4, 2, stock_cfg.model.head_dim
+        )
+        torch.testing.assert_close(fused, a.self_attention.linear_qkv.weight, rtol=0, atol=0)
+
+
 def _capture(model):
     """Attach a probe to every layer that keeps the (query, key) the kernel is given."""
     seen = {}
@@ -166,8 +210,6 @@ def test_collected_max_logit_is_the_direct_causal_max(single_rank, groups):
 def test_biased_logits_of_the_same_inputs_land_on_the_threshold(single_rank):
     """With Q/K biases scaled with their weights every logit of the same inputs shrinks by
     exactly eta: layer 1 (whose inputs no clip changes) then peaks at the threshold."""
-    import dataclasses
-
     cfg = _cfg("model.num_query_groups=2", "model.bias=true", "optim.qk_clip.enabled=true")
     model = build_gpt_model(cfg, init_seed=5)
     g = torch.Generator().manual_seed(3)
@@ -340,8 +382,6 @@ def test_config_errors_name_the_key(overrides, key):
 
 def test_qk_clip_with_qk_layernorm_is_refused_by_name():
     """With QK-norm after W_Q/W_K, rescaling them leaves the logits unchanged."""
-    import dataclasses
-
     cfg = load_config("tiny", ["optim.qk_clip.enabled=true"])
     model = dataclasses.replace(cfg.model)
     # model.qk_layernorm is added to ModelConfig beside this feature; set it either way.
