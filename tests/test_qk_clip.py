@@ -8,11 +8,14 @@ import dataclasses
 import json
 import os
 import socket
+import subprocess
+import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.loader import load_config
@@ -362,6 +365,34 @@ def test_resume_in_the_middle_of_clipping_is_bit_exact(tmp_path, clipped_run):
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in full]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in resumed]
     assert all("max_attention_logit" in r for r in full if r["kind"] == "train")
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [("parallel.tensor_model_parallel_size=2", "model.vocab_pad_multiple=64"), ()],
+    ids=["tp2", "dp2"],
+)
+def test_two_process_layouts_clip_like_one_process(tmp_path, clipped_run, layout):
+    """TP=2 (each rank clips its own query groups) and DP=2 (logits reduced over ranks) log
+    the same max logits and losses as one process, to the reordered-sum tolerance of
+    tests/test_layouts_multi.py (relative 1e-4; a clip of the wrong rows or an unreduced max
+    moves the next loss and logit by percents)."""
+    cmd = [sys.executable, "-m", "megatron_qk.cli", "train", "tiny", "--nproc-per-node", "2"]
+    for item in (
+        f"training.output_dir={tmp_path / 'run'}",
+        "training.train_steps=4",
+        "training.eval_interval=2",
+        "logging.progress_bar=false",
+        "optim.qk_clip.threshold=0.05",
+        "optim.qk_clip.enabled=true",
+        *layout,
+    ):
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for want, got in zip(_train_lines(clipped_run), _train_lines(tmp_path / "run"), strict=True):
+        for key in ("loss", "max_attention_logit"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4), (key, want, got)
 
 
 @pytest.mark.parametrize(
