@@ -78,6 +78,8 @@ def max_attention_logits(query: torch.Tensor, key: torch.Tensor, scale: float) -
         ``[np]`` fp32, the max over batch, query positions and keys at or before them. Computed
         in blocks of query rows so at most ``_MAX_LOGIT_BLOCK`` logits exist at once.
     """
+    if query.dim() != 4:  # packed (THD) sequences: no causal order across the batch to mask by
+        raise ValueError(f"max-logit collection needs [s, b, np, hn] queries, got {query.shape}")
     s, b, heads, _ = query.shape
     q = query.detach().float().permute(1, 2, 0, 3)  # [b, np, s, hn]
     k = key.detach().float().permute(1, 2, 0, 3)
