@@ -113,6 +113,43 @@ class EntropyFloorConfig(ReleaseConfig):
 
 
 @dataclass
+class QKClipConfig:
+    """QK-clip (MuonClip): after each optimizer step, rescale W_Q/W_K of hot query groups.
+
+    Megatron-Core's semantics (``SelfAttention.clip_qk``): each query group's max pre-softmax
+    logit over the step (max over its heads, micro-batches and data-parallel ranks) gives
+    ``eta = min(threshold / max_logit, 1)``; the group's W_Q rows are scaled by ``eta**alpha``
+    and its W_K rows by ``eta**(1 - alpha)``, so the same inputs' logits shrink by ``eta``.
+    """
+
+    # Clip after every optimizer step (also logs ``max_attention_logit`` on train lines).
+    enabled: bool = False
+    # Log ``max_attention_logit`` on train lines without clipping (needs enabled: false).
+    log_only: bool = False
+    # Share of the rescale on W_Q (eta**alpha); W_K gets eta**(1 - alpha).
+    alpha: float = 0.5
+    # A query group is clipped when its max logit over the step exceeds this.
+    threshold: float = 100.0
+    # Layers clipped: "all", "upper_half", "lower_half", or 1-based ranges like "11-20,3".
+    layers: str = "all"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError("alpha", f"must be in [0, 1], got {self.alpha}")
+        if not self.threshold > 0:
+            raise ConfigError("threshold", f"must be > 0, got {self.threshold}")
+        if self.enabled and self.log_only:
+            raise ConfigError("log_only", "log_only logs without clipping: set enabled: false")
+        if not self.layers.strip():
+            raise ConfigError("layers", "must name layers (all, upper_half, lower_half, ranges)")
+
+    @property
+    def collects(self) -> bool:
+        """Whether the max attention logit is collected and logged (clipping or log_only)."""
+        return self.enabled or self.log_only
+
+
+@dataclass
 class OptimConfig:
     """AdamW, warmup + cosine schedule, clipping, and the learning-rate multiplier rules."""
 
@@ -136,6 +173,8 @@ class OptimConfig:
     rules: list[MultiplierRuleConfig] = field(default_factory=list)
     # Entropy-floor control.
     entropy_floor: EntropyFloorConfig = field(default_factory=EntropyFloorConfig)
+    # QK-clip (MuonClip-style) after each optimizer step, or max-logit logging alone.
+    qk_clip: QKClipConfig = field(default_factory=QKClipConfig)
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from megatron_qk.config.data import DataConfig
 from megatron_qk.config.errors import NOT_IDENTITY, ConfigError
 from megatron_qk.config.model import ModelConfig, ParallelConfig
-from megatron_qk.config.optim import OptimConfig
+from megatron_qk.config.optim import LAYER_KEYWORDS, OptimConfig, explicit_layers
 from megatron_qk.config.training import DiagnosticsConfig, LoggingConfig, TrainingConfig
 
 
@@ -86,6 +86,22 @@ class ExperimentConfig:
                         "q/k/v roles need model.split_qkv: true (the fused QKV weight would "
                         "slow V too)",
                     )
+        self._check_qk_clip()
+
+    def _check_qk_clip(self) -> None:
+        clip = self.optim.qk_clip
+        if not clip.collects:
+            return
+        if clip.layers.strip() not in LAYER_KEYWORDS:
+            explicit_layers(clip.layers, self.model.num_layers, "optim.qk_clip.layers")
+        # model.qk_layernorm may not exist in every version of ModelConfig (added beside this).
+        if clip.enabled and getattr(self.model, "qk_layernorm", False):
+            raise ConfigError(
+                "optim.qk_clip.enabled",
+                "QK-clip with model.qk_layernorm: true does nothing: the norms after W_Q/W_K undo "
+                "any rescaling of them, so the logits cannot be bounded that way (use log_only "
+                "to log the max logit)",
+            )
 
         for i, rule in enumerate(self.optim.rules):
             if set(rule.roles) & {"q_norm", "k_norm"} and not m.qk_layernorm:

@@ -1,10 +1,10 @@
 """One console line per logging interval, for logs that are files (SLURM) or a run without a bar.
 
 The line follows Megatron-LM's ``training_log``: step/total, consumed tokens, loss, lr, grad norm,
-ms/step, tokens/s, model TFLOP/s per GPU, MFU, peak memory and the ETA to the run's last step,
-all read from the step's ``train`` record (``metrics.jsonl`` holds the same numbers). It is
-written by the logging rank when the progress bar is off or stderr is not a terminal, where a
-bar redrawn in place would be one line per redraw.
+the max attention logit (``optim.qk_clip``), ms/step, tokens/s, model TFLOP/s per GPU, MFU, peak
+memory and the ETA to the run's last step, all read from the step's ``train`` record
+(``metrics.jsonl`` holds the same numbers). It is written by the logging rank when the progress
+bar is off or stderr is not a terminal, where a bar redrawn in place would be one line per redraw.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def format_step_line(record: dict, total: int, eta_seconds: float | None) -> str
     ]
     if record.get("grad_norm") is not None:
         parts.append(f"grad norm {record['grad_norm']:.3f}")
+    if record.get("max_attention_logit") is not None:  # optim.qk_clip (clip or log_only)
+        parts.append(f"max logit {record['max_attention_logit']:.4g}")
     parts += [
         f"{1000 * record['step_seconds']:.1f} ms/step",
         f"{_count(record['tokens_per_second'])} tok/s",
