@@ -234,3 +234,22 @@ def test_a_checkpoint_with_qk_norm_names_the_key_when_loaded_without(tmp_path):
         )
     older = {k: v for k, v in recorded.items() if k != "qk_layernorm"}  # written before the key
     check_model_settings(tmp_path, older, model_settings(_cfg().model), "x")
+
+
+def test_identity_of_runs_recorded_before_qk_norm_and_qk_clip_existed():
+    """Both switches are hashed only away from their defaults (so a run or table index recorded
+    before they existed keeps its identity); logging the max logit is not part of the identity."""
+    import copy
+
+    from megatron_qk.config.identity import config_hash
+    from megatron_qk.config.loader import config_to_dict
+
+    recipe = config_to_dict(load_config("tiny"))
+    older = copy.deepcopy(recipe)  # the recipe as the code before the two keys wrote it
+    del older["model"]["qk_layernorm"]
+    del older["optim"]["qk_clip"]
+    assert config_hash(older) == config_hash(recipe)
+    for changed in ("model.qk_layernorm=true", "optim.qk_clip.enabled=true"):
+        assert config_hash(config_to_dict(load_config("tiny", [changed]))) != config_hash(recipe)
+    logged = config_to_dict(load_config("tiny", ["optim.qk_clip.log_only=true"]))
+    assert config_hash(logged) == config_hash(recipe)

@@ -30,6 +30,7 @@ ADDED_AFTER_RUNS_EXISTED = (
     "training.init_checkpoint",
     "training.eval_interval_frac",
     "model.qk_layernorm",
+    "optim.qk_clip",
 )
 """Keys (or whole sections) added once runs had been recorded: hashed only when set away from
 their default, so a run (or a table's reuse index) recorded before the key existed keeps its
@@ -52,7 +53,8 @@ def _field_default(dotted: str) -> object:
 def unset_added_keys(config_dict: dict) -> frozenset[str]:
     """The dotted leaf keys of :data:`ADDED_AFTER_RUNS_EXISTED` that ``config_dict`` leaves at
     their defaults (a section counts only when every key of it is at its default)."""
-    flat = flatten_config(config_dict)
+    free = identity_excluded_keys()  # e.g. optim.qk_clip.log_only: never part of the identity
+    flat = {k: v for k, v in flatten_config(config_dict).items() if k not in free}
     out: set[str] = set()
     for added in ADDED_AFTER_RUNS_EXISTED:
         default = _field_default(added)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megatron_qk.config.errors import ConfigError
+from megatron_qk.config.errors import NOT_IDENTITY, ConfigError
 from megatron_qk.config.release import ReleaseConfig
 
 PARAM_ROLES = ("q", "k", "v", "o", "fc1", "fc2", "norm", "q_norm", "k_norm")
@@ -124,8 +124,9 @@ class QKClipConfig:
 
     # Clip after every optimizer step (also logs ``max_attention_logit`` on train lines).
     enabled: bool = False
-    # Log ``max_attention_logit`` on train lines without clipping (needs enabled: false).
-    log_only: bool = False
+    # Log ``max_attention_logit`` on train lines without clipping (needs enabled: false). Not
+    # part of the run's identity: it does not change the trained model.
+    log_only: bool = field(default=False, metadata=NOT_IDENTITY)
     # Share of the rescale on W_Q (eta**alpha); W_K gets eta**(1 - alpha).
     alpha: float = 0.5
     # A query group is clipped when its max logit over the step exceeds this.

@@ -86,6 +86,13 @@ class ExperimentConfig:
                         "q/k/v roles need model.split_qkv: true (the fused QKV weight would "
                         "slow V too)",
                     )
+        for i, rule in enumerate(self.optim.rules):
+            if set(rule.roles) & {"q_norm", "k_norm"} and not m.qk_layernorm:
+                raise ConfigError(
+                    f"optim.rules[{i}].roles",
+                    "q_norm/k_norm roles need model.qk_layernorm: true (without QK-norm the "
+                    "rule would select no parameter)",
+                )
         self._check_qk_clip()
 
     def _check_qk_clip(self) -> None:
@@ -94,22 +101,13 @@ class ExperimentConfig:
             return
         if clip.layers.strip() not in LAYER_KEYWORDS:
             explicit_layers(clip.layers, self.model.num_layers, "optim.qk_clip.layers")
-        # model.qk_layernorm may not exist in every version of ModelConfig (added beside this).
-        if clip.enabled and getattr(self.model, "qk_layernorm", False):
+        if clip.enabled and self.model.qk_layernorm:
             raise ConfigError(
                 "optim.qk_clip.enabled",
                 "QK-clip with model.qk_layernorm: true does nothing: the norms after W_Q/W_K undo "
                 "any rescaling of them, so the logits cannot be bounded that way (use log_only "
                 "to log the max logit)",
             )
-
-        for i, rule in enumerate(self.optim.rules):
-            if set(rule.roles) & {"q_norm", "k_norm"} and not m.qk_layernorm:
-                raise ConfigError(
-                    f"optim.rules[{i}].roles",
-                    "q_norm/k_norm roles need model.qk_layernorm: true (without QK-norm the "
-                    "rule would select no parameter)",
-                )
 
     def validate_world(self, world_size: int) -> None:
         """Check the checks that need the number of processes (before any process group).
