@@ -22,13 +22,14 @@ from megatron_qk.rundir.layout import EVAL_GLOB
 from megatron_qk.rundir.runlog import RunLog
 
 # Keys allowed to differ between compared runs: identity, location, logging, the keys that may
-# change on a resume (they do not change the trained model) and the interventions' own knobs.
+# change on a resume (they do not change the trained model) and the interventions' own knobs,
+# those of the paper and those compared beside it (QK-norm, QK-clip: docs/BEYOND_QK.md).
 IGNORED_KEYS = frozenset(
     "arm name training.seed training.output_dir training.resume training.exit_after_steps "
     "training.log_interval optim.rules optim.lr_multiplier training.save_at_fracs "
-    "training.keep_interval_checkpoints".split()
+    "training.keep_interval_checkpoints model.qk_layernorm".split()
 )
-IGNORED_PREFIXES = ("logging.", "optim.entropy_floor.")
+IGNORED_PREFIXES = ("logging.", "optim.entropy_floor.", "optim.qk_clip.")
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
