@@ -64,3 +64,29 @@ def test_the_recipes_switches_reach_the_runs(table):
         # QK-clip arms log the step's max attention logit; the others do not collect it.
         logged = ["max_attention_logit" in r for r in train]
         assert all(logged) if arm.startswith("qk_clip") else not any(logged), arm
+
+
+def test_the_study_tables_tool_reads_the_table(table, capsys):
+    """tools/beyond_qk_tables.py (docs/BEYOND_QK.md's tables) on the smoke table: every arm,
+    paired with the control, and the max logit of exactly the runs that logged it."""
+    import importlib.util
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "beyond_qk_tables.py"
+    spec = importlib.util.spec_from_file_location("beyond_qk_tables", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(table), "--at", "0.2"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    for arm in ARMS:
+        assert f"| {arm} | 1 |" in out, arm
+    assert rows["qk_norm"].split("|")[4].strip().endswith("(1)")  # paired with control seed 1
+    second = out.split("| arm | seed |")[1]
+    logit_rows = [line for line in second.splitlines() if line.startswith("| ")]
+    assert len(logit_rows) == 2  # the clip arms alone log the max logit
+    for arm in ("qk_clip", "qk_clip_intervention"):
+        lines = (table / f"{arm}-s1" / "metrics.jsonl").read_text().splitlines()
+        values = [json.loads(x)["max_attention_logit"] for x in lines if '"kind": "train"' in x]
+        row = next(r for r in logit_rows if r.startswith(f"| {arm} | 1 | "))
+        assert f"| {max(values):.2f} |" in row
+        assert f"| {sum(v > 100.0 for v in values)} of {len(values)} |" in row
