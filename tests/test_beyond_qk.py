@@ -90,3 +90,21 @@ def test_the_study_tables_tool_reads_the_table(table, capsys):
         row = next(r for r in logit_rows if r.startswith(f"| {arm} | 1 | "))
         assert f"| {max(values):.2f} |" in row
         assert f"| {sum(v > 100.0 for v in values)} of {len(values)} |" in row
+
+
+@pytest.mark.parametrize("arm", ARMS)
+def test_each_arm_is_table1_but_for_its_own_switch(arm):
+    """The 270M arms are Table 1's recipes with only QK-norm / QK-clip added (and labels)."""
+    from megatron_qk.config.loader import config_to_dict, load_config
+    from megatron_qk.rundir.config_hash import flatten_config
+
+    configs = Path(__file__).resolve().parents[1] / "examples" / "configs"
+    base = "intervention" if arm.endswith("intervention") else "control"
+    theirs = flatten_config(config_to_dict(load_config(str(configs / "table1_gpt270m" / base))))
+    ours = flatten_config(config_to_dict(load_config(str(configs / "beyond_qk" / arm))))
+    differ = {k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)}
+    labels = {"name", "arm", "training.output_dir"}
+    switch = {"model.qk_layernorm"} if arm.startswith("qk_norm") else set()
+    if arm.startswith("qk_clip"):
+        switch = {"optim.qk_clip.enabled"}  # threshold 100 and alpha 0.5 are the defaults
+    assert differ - labels == switch, arm
