@@ -253,3 +253,34 @@ def test_identity_of_runs_recorded_before_qk_norm_and_qk_clip_existed():
         assert config_hash(config_to_dict(load_config("tiny", [changed]))) != config_hash(recipe)
     logged = config_to_dict(load_config("tiny", ["optim.qk_clip.log_only=true"]))
     assert config_hash(logged) == config_hash(recipe)
+
+
+def test_a_run_recorded_before_the_switches_existed_resumes(tmp_path):
+    """Its config.yaml has no model.qk_layernorm / optim.qk_clip: resuming with both at their
+    defaults is the same run; turning one on is refused, naming it."""
+    import yaml
+
+    run = tmp_path / "old"
+
+    def cfg(*extra: str):
+        return load_config(
+            "tiny",
+            [
+                f"training.output_dir={run}",
+                "training.train_steps=2",
+                "training.eval_interval=0",
+                "diagnostics.enabled=false",
+                "logging.progress_bar=false",
+                "logging.tensorboard=false",
+                *extra,
+            ],
+        )
+
+    train_from_config(cfg("training.exit_after_steps=1"))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["model"]["qk_layernorm"]  # as the code before the two keys wrote it
+    del saved["optim"]["qk_clip"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match="model.qk_layernorm"):
+        train_from_config(cfg("model.qk_layernorm=true"))
+    assert train_from_config(cfg("optim.qk_clip.log_only=true"))["steps"] == 2

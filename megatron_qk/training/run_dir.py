@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from megatron_qk.config.errors import ConfigError
+from megatron_qk.config.identity import unset_added_keys
 from megatron_qk.config.loader import config_to_dict, dump_config
 from megatron_qk.config.schema import ExperimentConfig
 from megatron_qk.rundir.atomic import write_json_atomic, write_text_atomic
@@ -30,6 +31,7 @@ RESUME_FREE_KEYS = {
     "logging.wandb_project",
     # Observation only: they do not change what is trained.
     "logging.peak_tflops_per_gpu",
+    "optim.qk_clip.log_only",
     "training.profile_steps",
     "training.profile_ranks",
     # The parallel layout may change on resume: dist-checkpointing reshards model and optimizer.
@@ -103,10 +105,13 @@ def check_resume_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
         return
     saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     saved.pop("_meta", None)
-    old, new = flatten_config(saved), flatten_config(config_to_dict(cfg))
-    diff = sorted(
-        k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_FREE_KEYS
-    )
+    recipe = config_to_dict(cfg)
+    old, new = flatten_config(saved), flatten_config(recipe)
+    # A run recorded before a key existed (model.qk_layernorm, optim.qk_clip, ...) has no value
+    # for it; the key left at its default here is that same run, not a difference.
+    added = {k for k in unset_added_keys(recipe) if k not in old}
+    free = RESUME_FREE_KEYS | added
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in free)
     if diff:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
         raise ConfigError(
