@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from fp32_bounds import U, gamma, matmul_bound
+from small_model import SMALL
 
 from megatron_qk.config.loader import load_config
 from megatron_qk.models.builder import build_gpt_model, padded_vocab_size
@@ -17,16 +18,6 @@ from megatron_qk.models.params import (
     expected_parameter_count,
 )
 from megatron_qk.models.split_qkv import fused_qkv_to_split, split_qkv_to_fused
-
-SMALL = (
-    "model.num_layers=2",
-    "model.hidden_size=32",
-    "model.num_attention_heads=4",
-    "model.ffn_hidden_size=48",
-    "model.seq_length=16",
-    "model.vocab_size=100",
-    "model.vocab_pad_multiple=8",
-)
 
 
 def _cfg(*overrides: str):

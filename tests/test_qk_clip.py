@@ -10,22 +10,13 @@ import types
 
 import pytest
 import torch
+from small_model import SMALL
 
 from megatron_qk.config.errors import ConfigError
 from megatron_qk.config.loader import load_config
 from megatron_qk.models.builder import build_gpt_model, transformer_config_from
 from megatron_qk.models.split_qkv import fused_qkv_to_split, split_qkv_to_fused
 from megatron_qk.optim.qk_clip import QKClip
-
-SMALL = (
-    "model.num_layers=2",
-    "model.hidden_size=32",
-    "model.num_attention_heads=4",
-    "model.ffn_hidden_size=48",
-    "model.seq_length=16",
-    "model.vocab_size=100",
-    "model.vocab_pad_multiple=8",
-)
 
 
 def _cfg(*overrides: str):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from small_model import SMALL as SMALL_SHAPE
 
 from megatron_qk.cli import main as cli_main
 from megatron_qk.config.errors import ConfigError
@@ -37,16 +38,7 @@ from megatron_qk.models.params import (
 from megatron_qk.models.split_qkv import fused_qkv_to_split
 from megatron_qk.training.entry import train_from_config
 
-SMALL = (
-    "model.num_layers=2",
-    "model.hidden_size=32",
-    "model.num_attention_heads=4",
-    "model.ffn_hidden_size=48",
-    "model.seq_length=16",
-    "model.vocab_size=100",
-    "model.vocab_pad_multiple=8",
-    "model.qk_layernorm=true",
-)
+SMALL = (*SMALL_SHAPE, "model.qk_layernorm=true")
 
 
 def _cfg(*overrides: str):
